@@ -1,0 +1,1 @@
+//! (filled by the op-family work in progress)
