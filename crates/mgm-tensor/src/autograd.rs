@@ -106,7 +106,11 @@ impl Tensor {
 
     /// The same data with no autograd history.
     pub fn detach(&self) -> Tensor {
-        if self.is_tracked() { self.with_node(None) } else { self.clone() }
+        if self.is_tracked() {
+            self.with_node(None)
+        } else {
+            self.clone()
+        }
     }
 
     /// Attaches a custom backward node (for fused ops defined outside this crate). The node is
@@ -129,7 +133,12 @@ impl Tensor {
     /// Backpropagates with an explicit output gradient of this tensor's shape.
     pub fn backward_with(&self, grad: &Tensor) -> Result<Gradients> {
         if grad.shape() != self.shape() {
-            return Err(Error::shape_mismatch("backward", self.shape(), grad.shape(), "gradient must match output"));
+            return Err(Error::shape_mismatch(
+                "backward",
+                self.shape(),
+                grad.shape(),
+                "gradient must match output",
+            ));
         }
         if !self.is_tracked() {
             return Err(Error::Backward(
@@ -143,7 +152,9 @@ impl Tensor {
         grads.insert(self.id(), grad.detach());
         let mut leaves: Vec<(Tensor, GradSlot)> = Vec::new();
         for node in order.iter().rev() {
-            let Some(g) = grads.get(&node.id()).cloned() else { continue };
+            let Some(g) = grads.get(&node.id()).cloned() else {
+                continue;
+            };
             match node.0.node.as_ref() {
                 Some(Node::Leaf(slot)) => leaves.push((node.clone(), slot.clone())),
                 Some(Node::Op(op)) => {
@@ -170,7 +181,11 @@ impl Tensor {
                                 input.shape()
                             )));
                         }
-                        let ig = if ig.dtype() != input.dtype() { ig.to_dtype(input.dtype())? } else { ig };
+                        let ig = if ig.dtype() != input.dtype() {
+                            ig.to_dtype(input.dtype())?
+                        } else {
+                            ig
+                        };
                         let entry = match grads.remove(&input.id()) {
                             Some(prev) => prev.add(&ig)?,
                             None => ig,
@@ -182,8 +197,13 @@ impl Tensor {
             }
         }
         for (leaf, slot) in leaves {
-            let g = grads.get(&leaf.id()).cloned().expect("leaf was visited because it has a gradient");
-            let mut s = slot.lock().map_err(|_| Error::Backward("a Var's gradient lock was poisoned".into()))?;
+            let g = grads
+                .get(&leaf.id())
+                .cloned()
+                .expect("leaf was visited because it has a gradient");
+            let mut s = slot
+                .lock()
+                .map_err(|_| Error::Backward("a Var's gradient lock was poisoned".into()))?;
             *s = Some(match s.take() {
                 Some(prev) => prev.add(&g)?,
                 None => g.contiguous()?,
@@ -271,8 +291,14 @@ impl Var {
     pub fn from_tensor(t: &Tensor) -> Result<Var> {
         t.ensure_float("Var::from_tensor")?;
         let grad: GradSlot = Arc::new(Mutex::new(None));
-        let value = t.detach().copy_untracked()?.with_node(Some(Node::Leaf(grad.clone())));
-        Ok(Var(Arc::new(VarInner { value: RwLock::new(value), grad })))
+        let value = t
+            .detach()
+            .copy_untracked()?
+            .with_node(Some(Node::Leaf(grad.clone())));
+        Ok(Var(Arc::new(VarInner {
+            value: RwLock::new(value),
+            grad,
+        })))
     }
 
     /// A Var of zeros.
@@ -282,17 +308,34 @@ impl Var {
 
     /// The current value as a tracked tensor (ops on it record gradients).
     pub fn as_tensor(&self) -> Tensor {
-        self.0.value.read().expect("Var value lock is never held across a panic").clone()
+        self.0
+            .value
+            .read()
+            .expect("Var value lock is never held across a panic")
+            .clone()
     }
 
     /// Replaces the value (same shape and dtype), keeping the accumulated gradient.
     pub fn set(&self, t: &Tensor) -> Result<()> {
-        let mut v = self.0.value.write().expect("Var value lock is never held across a panic");
+        let mut v = self
+            .0
+            .value
+            .write()
+            .expect("Var value lock is never held across a panic");
         if t.shape() != v.shape() {
-            return Err(Error::shape_mismatch("Var::set", v.shape(), t.shape(), "new value must keep the shape"));
+            return Err(Error::shape_mismatch(
+                "Var::set",
+                v.shape(),
+                t.shape(),
+                "new value must keep the shape",
+            ));
         }
         if t.dtype() != v.dtype() {
-            return Err(Error::DTypeMismatch { op: "Var::set", lhs: v.dtype(), rhs: t.dtype() });
+            return Err(Error::DTypeMismatch {
+                op: "Var::set",
+                lhs: v.dtype(),
+                rhs: t.dtype(),
+            });
         }
         // Keep the id so that Gradients::get_var and graphs built before still refer to this Var.
         let fresh = t.detach().contiguous()?;
@@ -309,12 +352,20 @@ impl Var {
 
     /// The gradient accumulated since the last [`Var::zero_grad`], if any.
     pub fn grad(&self) -> Option<Tensor> {
-        self.0.grad.lock().expect("grad lock is never held across a panic").clone()
+        self.0
+            .grad
+            .lock()
+            .expect("grad lock is never held across a panic")
+            .clone()
     }
 
     /// Clears the accumulated gradient.
     pub fn zero_grad(&self) {
-        *self.0.grad.lock().expect("grad lock is never held across a panic") = None;
+        *self
+            .0
+            .grad
+            .lock()
+            .expect("grad lock is never held across a panic") = None;
     }
 
     /// Shape of the value.

@@ -163,7 +163,11 @@ pub enum Error {
 }
 
 fn detail_suffix(detail: &str) -> String {
-    if detail.is_empty() { String::new() } else { format!(" ({detail})") }
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({detail})")
+    }
 }
 
 fn tensor_prefix(tensor: &Option<String>) -> String {
@@ -189,22 +193,43 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Shorthand for [`Error::ShapeMismatch`].
-    pub fn shape_mismatch(op: &'static str, lhs: &[usize], rhs: &[usize], detail: impl Into<String>) -> Self {
-        Error::ShapeMismatch { op, lhs: lhs.to_vec(), rhs: rhs.to_vec(), detail: detail.into() }
+    pub fn shape_mismatch(
+        op: &'static str,
+        lhs: &[usize],
+        rhs: &[usize],
+        detail: impl Into<String>,
+    ) -> Self {
+        Error::ShapeMismatch {
+            op,
+            lhs: lhs.to_vec(),
+            rhs: rhs.to_vec(),
+            detail: detail.into(),
+        }
     }
 
     /// Shorthand for [`Error::InvalidShape`].
     pub fn invalid_shape(op: &'static str, shape: &[usize], msg: impl Into<String>) -> Self {
-        Error::InvalidShape { op, shape: shape.to_vec(), msg: msg.into() }
+        Error::InvalidShape {
+            op,
+            shape: shape.to_vec(),
+            msg: msg.into(),
+        }
     }
 
     /// Shorthand for [`Error::UnsupportedDType`].
     pub fn unsupported_dtype(op: &'static str, dtype: DType, detail: impl Into<String>) -> Self {
-        Error::UnsupportedDType { op, dtype, detail: detail.into() }
+        Error::UnsupportedDType {
+            op,
+            dtype,
+            detail: detail.into(),
+        }
     }
 
     /// Shorthand for [`Error::OutOfBounds`].
     pub fn out_of_bounds(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::OutOfBounds { op, msg: msg.into() }
+        Error::OutOfBounds {
+            op,
+            msg: msg.into(),
+        }
     }
 }

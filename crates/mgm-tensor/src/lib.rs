@@ -29,7 +29,9 @@ pub mod shape;
 pub mod storage;
 mod tensor;
 
-pub use autograd::{Backward, Gradients, NoGradGuard, Var, attach, is_grad_enabled, needs_grad, no_grad};
+pub use autograd::{
+    Backward, Gradients, NoGradGuard, Var, attach, is_grad_enabled, needs_grad, no_grad,
+};
 pub use device::Device;
 pub use dtype::{DType, Float, WithDType};
 pub use error::{Error, Result};

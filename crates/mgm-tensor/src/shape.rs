@@ -18,7 +18,12 @@ pub fn resolve_dim(op: &'static str, dim: isize, shape: &[usize]) -> Result<usiz
     let rank = shape.len() as isize;
     let d = if dim < 0 { dim + rank } else { dim };
     if d < 0 || d >= rank {
-        return Err(Error::DimOutOfRange { op, dim, rank: shape.len(), shape: shape.to_vec() });
+        return Err(Error::DimOutOfRange {
+            op,
+            dim,
+            rank: shape.len(),
+            shape: shape.to_vec(),
+        });
     }
     Ok(d as usize)
 }
@@ -29,7 +34,11 @@ pub fn resolve_dims(op: &'static str, dims: &[isize], shape: &[usize]) -> Result
     for &d in dims {
         let r = resolve_dim(op, d, shape)?;
         if out.contains(&r) {
-            return Err(Error::invalid_shape(op, shape, format!("dim {d} given twice in {dims:?}")));
+            return Err(Error::invalid_shape(
+                op,
+                shape,
+                format!("dim {d} given twice in {dims:?}"),
+            ));
         }
         out.push(r);
     }
@@ -42,8 +51,16 @@ pub fn broadcast_shapes(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Resul
     let rank = lhs.len().max(rhs.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let l = if i + lhs.len() >= rank { lhs[i + lhs.len() - rank] } else { 1 };
-        let r = if i + rhs.len() >= rank { rhs[i + rhs.len() - rank] } else { 1 };
+        let l = if i + lhs.len() >= rank {
+            lhs[i + lhs.len() - rank]
+        } else {
+            1
+        };
+        let r = if i + rhs.len() >= rank {
+            rhs[i + rhs.len() - rank]
+        } else {
+            1
+        };
         out[i] = if l == r {
             l
         } else if l == 1 {
@@ -51,7 +68,11 @@ pub fn broadcast_shapes(op: &'static str, lhs: &[usize], rhs: &[usize]) -> Resul
         } else if r == 1 {
             l
         } else {
-            return Err(Error::BroadcastIncompatible { op, lhs: lhs.to_vec(), rhs: rhs.to_vec() });
+            return Err(Error::BroadcastIncompatible {
+                op,
+                lhs: lhs.to_vec(),
+                rhs: rhs.to_vec(),
+            });
         };
     }
     Ok(out)
@@ -68,7 +89,11 @@ pub struct Layout {
 impl Layout {
     /// A contiguous row-major layout starting at `offset`.
     pub fn contiguous_with_offset(shape: &[usize], offset: usize) -> Self {
-        Layout { shape: shape.to_vec(), strides: contiguous_strides(shape), offset }
+        Layout {
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            offset,
+        }
     }
 
     /// A contiguous row-major layout starting at 0.
@@ -79,7 +104,11 @@ impl Layout {
     /// A layout with explicit strides (in elements).
     pub fn new(shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Self {
         debug_assert_eq!(shape.len(), strides.len());
-        Layout { shape, strides, offset }
+        Layout {
+            shape,
+            strides,
+            offset,
+        }
     }
 
     /// The dims.
@@ -117,7 +146,11 @@ impl Layout {
 
     /// If contiguous, the storage range `[offset, offset + numel)`.
     pub fn contiguous_range(&self) -> Option<std::ops::Range<usize>> {
-        if self.is_contiguous() { Some(self.offset..self.offset + self.numel()) } else { None }
+        if self.is_contiguous() {
+            Some(self.offset..self.offset + self.numel())
+        } else {
+            None
+        }
     }
 
     /// One past the largest storage index this layout touches (0 for empty tensors).
@@ -125,7 +158,14 @@ impl Layout {
         if self.numel() == 0 {
             return self.offset;
         }
-        self.offset + self.shape.iter().zip(&self.strides).map(|(&d, &s)| (d - 1) * s).sum::<usize>() + 1
+        self.offset
+            + self
+                .shape
+                .iter()
+                .zip(&self.strides)
+                .map(|(&d, &s)| (d - 1) * s)
+                .sum::<usize>()
+            + 1
     }
 
     /// Storage offsets of all elements in logical row-major order.
@@ -183,7 +223,12 @@ impl Layout {
     /// The layout broadcast to `shape` (new leading dims and size-1 dims get stride 0).
     pub fn broadcast_as(&self, op: &'static str, shape: &[usize]) -> Result<Layout> {
         if shape.len() < self.shape.len() {
-            return Err(Error::shape_mismatch(op, &self.shape, shape, "target has lower rank"));
+            return Err(Error::shape_mismatch(
+                op,
+                &self.shape,
+                shape,
+                "target has lower rank",
+            ));
         }
         let extra = shape.len() - self.shape.len();
         let mut strides = vec![0; shape.len()];
@@ -197,9 +242,17 @@ impl Layout {
             } else if sd == 1 {
                 strides[i] = 0;
             } else {
-                return Err(Error::BroadcastIncompatible { op, lhs: self.shape.clone(), rhs: shape.to_vec() });
+                return Err(Error::BroadcastIncompatible {
+                    op,
+                    lhs: self.shape.clone(),
+                    rhs: shape.to_vec(),
+                });
             }
         }
-        Ok(Layout { shape: shape.to_vec(), strides, offset: self.offset })
+        Ok(Layout {
+            shape: shape.to_vec(),
+            strides,
+            offset: self.offset,
+        })
     }
 }

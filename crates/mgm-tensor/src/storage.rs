@@ -40,13 +40,23 @@ pub struct MappedBuffer {
 impl MappedBuffer {
     /// Wraps `map[start..start+len_bytes]` as elements of `dtype`, or returns `None` when the
     /// window is not aligned for the dtype (the caller then copies).
-    pub fn new(map: Arc<memmap2::Mmap>, start: usize, len_bytes: usize, dtype: DType) -> Option<Self> {
+    pub fn new(
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len_bytes: usize,
+        dtype: DType,
+    ) -> Option<Self> {
         let ptr = map.as_ptr() as usize + start;
         let size = dtype.size_in_bytes();
         if ptr % size != 0 || len_bytes % size != 0 || start + len_bytes > map.len() {
             return None;
         }
-        Some(MappedBuffer { map, start, len_bytes, dtype })
+        Some(MappedBuffer {
+            map,
+            start,
+            len_bytes,
+            dtype,
+        })
     }
 
     /// The raw bytes.
@@ -102,7 +112,11 @@ impl CpuStorage {
     /// The elements as a typed slice; errors if `T` is not the storage's dtype.
     pub fn as_slice<T: WithDType>(&self) -> Result<&[T]> {
         if T::DTYPE != self.dtype() {
-            return Err(Error::UnexpectedDType { op: "as_slice", expected: T::DTYPE, actual: self.dtype() });
+            return Err(Error::UnexpectedDType {
+                op: "as_slice",
+                expected: T::DTYPE,
+                actual: self.dtype(),
+            });
         }
         // Alignment holds: owned vectors are typed, and MappedBuffer::new checked alignment.
         Ok(bytemuck::cast_slice(self.bytes()))
@@ -115,7 +129,10 @@ impl CpuStorage {
             return Err(Error::invalid_shape(
                 "from_bytes",
                 &[bytes.len()],
-                format!("{} bytes is not a multiple of the {dtype} element size {size}", bytes.len()),
+                format!(
+                    "{} bytes is not a multiple of the {dtype} element size {size}",
+                    bytes.len()
+                ),
             ));
         }
         fn typed<T: WithDType>(bytes: &[u8]) -> Vec<T> {

@@ -56,7 +56,13 @@ pub(crate) use with_float;
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor[{:?}, {}, {}", self.shape(), self.dtype(), self.device())?;
+        write!(
+            f,
+            "Tensor[{:?}, {}, {}",
+            self.shape(),
+            self.dtype(),
+            self.device()
+        )?;
         if self.is_tracked() {
             f.write_str(", tracked")?;
         }
@@ -80,7 +86,10 @@ impl Tensor {
             return Err(Error::invalid_shape(
                 "from_storage",
                 shape,
-                format!("{} elements given for a shape of {numel} elements", storage.len()),
+                format!(
+                    "{} elements given for a shape of {numel} elements",
+                    storage.len()
+                ),
             ));
         }
         let dtype = storage.dtype();
@@ -132,7 +141,10 @@ impl Tensor {
             return Err(Error::invalid_shape(
                 "from_vec",
                 shape,
-                format!("{} elements given for a shape of {numel} elements", data.len()),
+                format!(
+                    "{} elements given for a shape of {numel} elements",
+                    data.len()
+                ),
             ));
         }
         Self::from_storage(T::into_storage(data), shape)
@@ -188,7 +200,11 @@ impl Tensor {
     pub fn arange(start: f64, end: f64, step: f64, dtype: DType, device: Device) -> Result<Tensor> {
         device.ensure_available("arange")?;
         if step == 0.0 || !step.is_finite() || !start.is_finite() || !end.is_finite() {
-            return Err(Error::invalid_shape("arange", &[], format!("start {start}, end {end}, step {step}")));
+            return Err(Error::invalid_shape(
+                "arange",
+                &[],
+                format!("start {start}, end {end}, step {step}"),
+            ));
         }
         let n = ((end - start) / step).ceil().max(0.0) as usize;
         let v: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
@@ -197,7 +213,11 @@ impl Tensor {
 
     /// Converts from a typed buffer in compute precision to a tensor of `dtype`
     /// (f32 compute may be stored as f16/bf16).
-    pub(crate) fn from_float_vec<F: Float>(data: Vec<F>, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    pub(crate) fn from_float_vec<F: Float>(
+        data: Vec<F>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
         if F::DTYPE == dtype {
             return Self::from_vec(data, shape);
         }
@@ -205,8 +225,16 @@ impl Tensor {
             DType::F32 => CpuStorage::F32(data.iter().map(|v| v.to_f32()).collect()),
             DType::F64 => CpuStorage::F64(data.iter().map(|v| v.to_f64()).collect()),
             DType::F16 => CpuStorage::F16(data.iter().map(|v| f16::from_f32(v.to_f32())).collect()),
-            DType::BF16 => CpuStorage::BF16(data.iter().map(|v| bf16::from_f32(v.to_f32())).collect()),
-            d => return Err(Error::unsupported_dtype("from_float_vec", d, "a float dtype is needed")),
+            DType::BF16 => {
+                CpuStorage::BF16(data.iter().map(|v| bf16::from_f32(v.to_f32())).collect())
+            }
+            d => {
+                return Err(Error::unsupported_dtype(
+                    "from_float_vec",
+                    d,
+                    "a float dtype is needed",
+                ));
+            }
         };
         Self::from_storage(storage, shape)
     }
@@ -326,7 +354,11 @@ impl Tensor {
     /// The single element of a one-element tensor, as f64.
     pub fn to_scalar_f64(&self) -> Result<f64> {
         if self.numel() != 1 {
-            return Err(Error::invalid_shape("to_scalar", self.shape(), "expected exactly one element"));
+            return Err(Error::invalid_shape(
+                "to_scalar",
+                self.shape(),
+                "expected exactly one element",
+            ));
         }
         Ok(self.to_vec_f64()?[0])
     }
@@ -334,7 +366,11 @@ impl Tensor {
     /// The single element of a one-element tensor of type `T`.
     pub fn to_scalar<T: WithDType>(&self) -> Result<T> {
         if self.numel() != 1 {
-            return Err(Error::invalid_shape("to_scalar", self.shape(), "expected exactly one element"));
+            return Err(Error::invalid_shape(
+                "to_scalar",
+                self.shape(),
+                "expected exactly one element",
+            ));
         }
         Ok(self.to_vec::<T>()?[0])
     }
@@ -346,7 +382,8 @@ impl Tensor {
         fn gather<T: WithDType, F: Float>(t: &Tensor) -> Result<Vec<F>> {
             let s = t.storage_slice::<T>()?;
             let mut out = Vec::with_capacity(t.numel());
-            t.0.layout.for_each_offset(|o| out.push(F::from_f32(s[o].to_f32())));
+            t.0.layout
+                .for_each_offset(|o| out.push(F::from_f32(s[o].to_f32())));
             Ok(out)
         }
         Ok(match self.dtype() {
@@ -366,7 +403,13 @@ impl Tensor {
             }
             DType::F16 => FloatData::F32(Cow::Owned(gather::<f16, f32>(self)?)),
             DType::BF16 => FloatData::F32(Cow::Owned(gather::<bf16, f32>(self)?)),
-            d => return Err(Error::unsupported_dtype(op, d, "a float dtype (f32, f64, f16, bf16) is needed")),
+            d => {
+                return Err(Error::unsupported_dtype(
+                    op,
+                    d,
+                    "a float dtype (f32, f64, f16, bf16) is needed",
+                ));
+            }
         })
     }
 
@@ -375,17 +418,29 @@ impl Tensor {
         if self.dtype().is_float() {
             Ok(())
         } else {
-            Err(Error::unsupported_dtype(op, self.dtype(), "a float dtype (f32, f64, f16, bf16) is needed"))
+            Err(Error::unsupported_dtype(
+                op,
+                self.dtype(),
+                "a float dtype (f32, f64, f16, bf16) is needed",
+            ))
         }
     }
 
     /// Errors unless both tensors share dtype and device.
     pub(crate) fn ensure_same(&self, op: &'static str, other: &Tensor) -> Result<()> {
         if self.device() != other.device() {
-            return Err(Error::DeviceMismatch { op, lhs: self.device(), rhs: other.device() });
+            return Err(Error::DeviceMismatch {
+                op,
+                lhs: self.device(),
+                rhs: other.device(),
+            });
         }
         if self.dtype() != other.dtype() {
-            return Err(Error::DTypeMismatch { op, lhs: self.dtype(), rhs: other.dtype() });
+            return Err(Error::DTypeMismatch {
+                op,
+                lhs: self.dtype(),
+                rhs: other.dtype(),
+            });
         }
         Ok(())
     }
@@ -400,7 +455,11 @@ impl Tensor {
         }
         let out = self.copy_untracked()?;
         // the copy is the identity for gradients
-        Ok(crate::autograd::attach(out, || crate::ops::view::IdentityBackward { input: self.clone() }))
+        Ok(crate::autograd::attach(out, || {
+            crate::ops::view::IdentityBackward {
+                input: self.clone(),
+            }
+        }))
     }
 
     /// A fresh contiguous buffer with this view's elements (no autograd node).
@@ -428,7 +487,11 @@ impl Tensor {
         }
         let out = self.cast_untracked(dtype)?;
         if self.dtype().is_float() && dtype.is_float() {
-            Ok(crate::autograd::attach(out, || crate::ops::view::CastBackward { input: self.clone() }))
+            Ok(crate::autograd::attach(out, || {
+                crate::ops::view::CastBackward {
+                    input: self.clone(),
+                }
+            }))
         } else {
             Ok(out)
         }
@@ -437,7 +500,11 @@ impl Tensor {
     fn cast_untracked(&self, dtype: DType) -> Result<Tensor> {
         fn from<S: WithDType>(t: &Tensor, dtype: DType) -> Result<Tensor> {
             let s = t.storage_slice::<S>()?;
-            fn to<S: WithDType, D: WithDType>(t: &Tensor, s: &[S], conv: impl Fn(S) -> D) -> Result<Tensor> {
+            fn to<S: WithDType, D: WithDType>(
+                t: &Tensor,
+                s: &[S],
+                conv: impl Fn(S) -> D,
+            ) -> Result<Tensor> {
                 let mut out = Vec::with_capacity(t.numel());
                 t.0.layout.for_each_offset(|o| out.push(conv(s[o])));
                 Tensor::from_vec(out, t.shape())

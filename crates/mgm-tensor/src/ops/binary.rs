@@ -79,7 +79,9 @@ pub(crate) fn zip_map<A: Copy + Sync, B: Copy + Sync, O: Copy + Send + Default>(
             }
         };
         if n >= 2 * PAR_CHUNK {
-            out.par_chunks_mut(PAR_CHUNK).zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK))).for_each(body);
+            out.par_chunks_mut(PAR_CHUNK)
+                .zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK)))
+                .for_each(body);
         } else {
             body((&mut out, (a, b)));
         }
@@ -123,7 +125,11 @@ pub(crate) fn zip_map<A: Copy + Sync, B: Copy + Sync, O: Copy + Send + Default>(
 
 /// Borrowed storage + layout when the dtype already is the compute type, otherwise an owned
 /// converted copy with a contiguous layout; either way broadcast to `shape`.
-fn operand<'a, F: Float>(t: &'a Tensor, shape: &[usize], op: &'static str) -> Result<(std::borrow::Cow<'a, [F]>, Layout)> {
+fn operand<'a, F: Float>(
+    t: &'a Tensor,
+    shape: &[usize],
+    op: &'static str,
+) -> Result<(std::borrow::Cow<'a, [F]>, Layout)> {
     use std::borrow::Cow;
     if t.dtype() == F::DTYPE {
         let s = t.storage_slice::<F>()?;
@@ -133,7 +139,10 @@ fn operand<'a, F: Float>(t: &'a Tensor, shape: &[usize], op: &'static str) -> Re
         FloatData::F32(v) => v.iter().map(|&x| F::from_f32(x)).collect(),
         FloatData::F64(v) => v.iter().map(|&x| F::from_f64(x)).collect(),
     };
-    Ok((Cow::Owned(v), Layout::contiguous(t.shape()).broadcast_as(op, shape)?))
+    Ok((
+        Cow::Owned(v),
+        Layout::contiguous(t.shape()).broadcast_as(op, shape)?,
+    ))
 }
 
 fn float_binary<F: Float>(op: BinaryOp, a: &Tensor, b: &Tensor, shape: &[usize]) -> Result<Tensor> {
@@ -144,8 +153,20 @@ fn float_binary<F: Float>(op: BinaryOp, a: &Tensor, b: &Tensor, shape: &[usize])
         BinaryOp::Sub => zip_map(&av, &la, &bv, &lb, |x, y| x - y),
         BinaryOp::Mul => zip_map(&av, &la, &bv, &lb, |x, y| x * y),
         BinaryOp::Div => zip_map(&av, &la, &bv, &lb, |x, y| x / y),
-        BinaryOp::Maximum => zip_map(&av, &la, &bv, &lb, |x, y| if x.is_nan() || x > y { x } else { y }),
-        BinaryOp::Minimum => zip_map(&av, &la, &bv, &lb, |x, y| if x.is_nan() || x < y { x } else { y }),
+        BinaryOp::Maximum => zip_map(
+            &av,
+            &la,
+            &bv,
+            &lb,
+            |x, y| if x.is_nan() || x > y { x } else { y },
+        ),
+        BinaryOp::Minimum => zip_map(
+            &av,
+            &la,
+            &bv,
+            &lb,
+            |x, y| if x.is_nan() || x < y { x } else { y },
+        ),
         BinaryOp::Pow => zip_map(&av, &la, &bv, &lb, |x, y| x.powf(y)),
     };
     Tensor::from_float_vec(out, shape, a.dtype())
@@ -181,11 +202,17 @@ fn int_binary<T: IntElem>(op: BinaryOp, a: &Tensor, b: &Tensor, shape: &[usize])
         BinaryOp::Minimum => zip_map(av, &la, bv, &lb, |x: T, y| x.min(y)),
         BinaryOp::Div => {
             let q: Vec<Option<T>> = zip_map(av, &la, bv, &lb, |x: T, y| x.cdiv(y));
-            q.into_iter()
-                .collect::<Option<Vec<T>>>()
-                .ok_or_else(|| Error::out_of_bounds("div", format!("integer division by zero ({})", T::DTYPE)))?
+            q.into_iter().collect::<Option<Vec<T>>>().ok_or_else(|| {
+                Error::out_of_bounds("div", format!("integer division by zero ({})", T::DTYPE))
+            })?
         }
-        BinaryOp::Pow => return Err(Error::unsupported_dtype("pow", T::DTYPE, "pow needs a float dtype")),
+        BinaryOp::Pow => {
+            return Err(Error::unsupported_dtype(
+                "pow",
+                T::DTYPE,
+                "pow needs a float dtype",
+            ));
+        }
     };
     Tensor::from_vec(out, shape)
 }
@@ -212,20 +239,30 @@ impl Backward for BinaryBackward {
             BinaryOp::Div => (g.div(b)?, g.mul(out)?.div(b)?.neg()?),
             BinaryOp::Maximum | BinaryOp::Minimum => {
                 // ties split the gradient evenly, as torch.maximum does
-                let (win, tie) = if self.op == BinaryOp::Maximum { (a.gt(b)?, a.eq_(b)?) } else { (a.lt(b)?, a.eq_(b)?) };
-                let wa = win.to_dtype(g.dtype())?.add(&tie.to_dtype(g.dtype())?.mul_scalar(0.5)?)?;
+                let (win, tie) = if self.op == BinaryOp::Maximum {
+                    (a.gt(b)?, a.eq_(b)?)
+                } else {
+                    (a.lt(b)?, a.eq_(b)?)
+                };
+                let wa = win
+                    .to_dtype(g.dtype())?
+                    .add(&tie.to_dtype(g.dtype())?.mul_scalar(0.5)?)?;
                 let wa = wa.broadcast_as(out.shape())?;
                 let wb = wa.affine(-1.0, 1.0)?;
                 (g.mul(&wa)?, g.mul(&wb)?)
             }
             BinaryOp::Pow => {
                 // d/da a^b = b a^(b-1); d/db a^b = a^b ln a
-                let ga = g.mul(&b.mul(&a.pow(&b.sub(&Tensor::scalar(1.0).to_dtype(b.dtype())?)?)?)?)?;
+                let ga =
+                    g.mul(&b.mul(&a.pow(&b.sub(&Tensor::scalar(1.0).to_dtype(b.dtype())?)?)?)?)?;
                 let gb = g.mul(&out.mul(&a.log()?)?)?;
                 (ga, gb)
             }
         };
-        Ok(vec![Some(ga.sum_to_shape(a.shape())?), Some(gb.sum_to_shape(b.shape())?)])
+        Ok(vec![
+            Some(ga.sum_to_shape(a.shape())?),
+            Some(gb.sum_to_shape(b.shape())?),
+        ])
     }
 }
 
@@ -244,7 +281,11 @@ impl Tensor {
         if !self.dtype().is_float() {
             return Ok(out);
         }
-        Ok(attach(out, || BinaryBackward { op, lhs: self.clone(), rhs: rhs.clone() }))
+        Ok(attach(out, || BinaryBackward {
+            op,
+            lhs: self.clone(),
+            rhs: rhs.clone(),
+        }))
     }
 
     /// self + rhs (broadcasting).
@@ -328,29 +369,48 @@ impl Tensor {
     /// `torch.where(cond, a, b)`; `cond` is u8 (nonzero = true), `self` is the condition.
     pub fn where_cond(&self, on_true: &Tensor, on_false: &Tensor) -> Result<Tensor> {
         if self.dtype() != DType::U8 {
-            return Err(Error::unsupported_dtype("where", self.dtype(), "the condition must be u8 (as comparisons return)"));
+            return Err(Error::unsupported_dtype(
+                "where",
+                self.dtype(),
+                "the condition must be u8 (as comparisons return)",
+            ));
         }
         on_true.ensure_same("where", on_false)?;
         let s1 = broadcast_shapes("where", on_true.shape(), on_false.shape())?;
         let shape = broadcast_shapes("where", self.shape(), &s1)?;
         let c = self.broadcast_as(&shape)?.to_vec::<u8>()?;
         let cond = Tensor::from_vec(c, &shape)?;
-        fn run<T: WithDType + Default>(cond: &Tensor, a: &Tensor, b: &Tensor, shape: &[usize]) -> Result<Tensor> {
+        fn run<T: WithDType + Default>(
+            cond: &Tensor,
+            a: &Tensor,
+            b: &Tensor,
+            shape: &[usize],
+        ) -> Result<Tensor> {
             let c = cond.storage_slice::<u8>()?;
             let la = a.layout().broadcast_as("where", shape)?;
             let lb = b.layout().broadcast_as("where", shape)?;
-            let picked: Vec<T> = zip_map(a.storage_slice::<T>()?, &la, b.storage_slice::<T>()?, &lb, |x, y| (x, y))
-                .into_iter()
-                .zip(c)
-                .map(|((x, y), &c)| if c != 0 { x } else { y })
-                .collect();
+            let picked: Vec<T> = zip_map(
+                a.storage_slice::<T>()?,
+                &la,
+                b.storage_slice::<T>()?,
+                &lb,
+                |x, y| (x, y),
+            )
+            .into_iter()
+            .zip(c)
+            .map(|((x, y), &c)| if c != 0 { x } else { y })
+            .collect();
             Tensor::from_vec(picked, shape)
         }
         let out = with_dtype!(on_true.dtype(), T => run::<T>(&cond, on_true, on_false, &shape)?);
         if !on_true.dtype().is_float() {
             return Ok(out);
         }
-        Ok(attach(out, || WhereBackward { cond, on_true: on_true.clone(), on_false: on_false.clone() }))
+        Ok(attach(out, || WhereBackward {
+            cond,
+            on_true: on_true.clone(),
+            on_false: on_false.clone(),
+        }))
     }
 
     /// Replaces elements where `mask` (u8, broadcast to self) is nonzero with `value`.
@@ -358,7 +418,12 @@ impl Tensor {
         let fill = Tensor::full(value, &[], self.dtype(), self.device())?;
         let shape = broadcast_shapes("masked_fill", self.shape(), mask.shape())?;
         if shape != self.shape() {
-            return Err(Error::shape_mismatch("masked_fill", self.shape(), mask.shape(), "mask must broadcast to the tensor"));
+            return Err(Error::shape_mismatch(
+                "masked_fill",
+                self.shape(),
+                mask.shape(),
+                "mask must broadcast to the tensor",
+            ));
         }
         mask.where_cond(&fill, self)
     }
@@ -381,6 +446,9 @@ impl Backward for WhereBackward {
         let zero = Tensor::zeros(&[], g.dtype(), g.device())?;
         let gt = self.cond.where_cond(g, &zero)?;
         let gf = self.cond.where_cond(&zero, g)?;
-        Ok(vec![Some(gt.sum_to_shape(self.on_true.shape())?), Some(gf.sum_to_shape(self.on_false.shape())?)])
+        Ok(vec![
+            Some(gt.sum_to_shape(self.on_true.shape())?),
+            Some(gf.sum_to_shape(self.on_false.shape())?),
+        ])
     }
 }

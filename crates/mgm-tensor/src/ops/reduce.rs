@@ -31,21 +31,39 @@ impl ReducePlan {
         let kept: Vec<usize> = (0..t.rank()).filter(|d| !dims.contains(d)).collect();
         let order: Vec<usize> = kept.iter().chain(dims.iter()).copied().collect();
         let moved = crate::autograd::no_grad(|| t.permute(&order)?.contiguous())?.detach();
-        let keep_shape: Vec<usize> =
-            t.shape().iter().enumerate().map(|(i, &s)| if dims.contains(&i) { 1 } else { s }).collect();
+        let keep_shape: Vec<usize> = t
+            .shape()
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| if dims.contains(&i) { 1 } else { s })
+            .collect();
         let drop_shape: Vec<usize> = kept.iter().map(|&d| t.shape()[d]).collect();
         let run = dims.iter().map(|&d| t.shape()[d]).product();
-        Ok(ReducePlan { moved, keep_shape, drop_shape, run })
+        Ok(ReducePlan {
+            moved,
+            keep_shape,
+            drop_shape,
+            run,
+        })
     }
 
     /// The output shape for `keepdim`.
     pub(crate) fn out_shape(&self, keepdim: bool) -> &[usize] {
-        if keepdim { &self.keep_shape } else { &self.drop_shape }
+        if keepdim {
+            &self.keep_shape
+        } else {
+            &self.drop_shape
+        }
     }
 }
 
 /// Reduces each contiguous run of `run` elements of `v` with `f` (in parallel for large inputs).
-pub(crate) fn reduce_runs<F: Float, O: Send + Copy + Default>(v: &[F], run: usize, outputs: usize, f: impl Fn(&[F]) -> O + Sync + Send) -> Vec<O> {
+pub(crate) fn reduce_runs<F: Float, O: Send + Copy + Default>(
+    v: &[F],
+    run: usize,
+    outputs: usize,
+    f: impl Fn(&[F]) -> O + Sync + Send,
+) -> Vec<O> {
     if run == 0 {
         return (0..outputs).map(|_| f(&[])).collect();
     }
@@ -84,8 +102,14 @@ impl Backward for SumBackward {
         vec![&self.input]
     }
     fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let g = g.reshape(&self.keep_shape)?.broadcast_as(self.input.shape())?;
-        let g = if self.scale != 1.0 { g.mul_scalar(self.scale)? } else { g.contiguous()? };
+        let g = g
+            .reshape(&self.keep_shape)?
+            .broadcast_as(self.input.shape())?;
+        let g = if self.scale != 1.0 {
+            g.mul_scalar(self.scale)?
+        } else {
+            g.contiguous()?
+        };
         Ok(vec![Some(g)])
     }
 }
@@ -101,7 +125,13 @@ impl Tensor {
         self.sum_scaled("mean", dims, keepdim, true)
     }
 
-    fn sum_scaled(&self, op: &'static str, dims: &[isize], keepdim: bool, mean: bool) -> Result<Tensor> {
+    fn sum_scaled(
+        &self,
+        op: &'static str,
+        dims: &[isize],
+        keepdim: bool,
+        mean: bool,
+    ) -> Result<Tensor> {
         self.ensure_float(op)?;
         let plan = ReducePlan::new(op, self, dims)?;
         let scale = if mean { 1.0 / plan.run as f64 } else { 1.0 };
@@ -113,7 +143,11 @@ impl Tensor {
             }
             Tensor::from_float_vec(s, plan.out_shape(keepdim), self.dtype())?
         });
-        Ok(attach(out, || SumBackward { input: self.clone(), keep_shape: plan.keep_shape.clone(), scale }))
+        Ok(attach(out, || SumBackward {
+            input: self.clone(),
+            keep_shape: plan.keep_shape.clone(),
+            scale,
+        }))
     }
 
     /// Sum of all elements as a scalar tensor.
@@ -142,7 +176,12 @@ impl Tensor {
             return Ok(self.clone());
         }
         if shape.len() > self.rank() {
-            return Err(Error::shape_mismatch("sum_to_shape", self.shape(), shape, "target has higher rank"));
+            return Err(Error::shape_mismatch(
+                "sum_to_shape",
+                self.shape(),
+                shape,
+                "target has higher rank",
+            ));
         }
         let extra = self.rank() - shape.len();
         let mut dims = Vec::new();
@@ -152,7 +191,12 @@ impl Tensor {
             } else if shape[i - extra] == 1 && d != 1 {
                 dims.push(i as isize);
             } else if shape[i - extra] != d {
-                return Err(Error::shape_mismatch("sum_to_shape", self.shape(), shape, format!("dim {i} cannot be summed to {}", shape[i - extra])));
+                return Err(Error::shape_mismatch(
+                    "sum_to_shape",
+                    self.shape(),
+                    shape,
+                    format!("dim {i} cannot be summed to {}", shape[i - extra]),
+                ));
             }
         }
         if dims.is_empty() {

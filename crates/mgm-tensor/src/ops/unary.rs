@@ -97,11 +97,13 @@ const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 fn map<F: Float>(v: &[F], f: impl Fn(F) -> F + Sync + Send) -> Vec<F> {
     if v.len() >= 2 * PAR_CHUNK {
         let mut out = vec![F::zero(); v.len()];
-        out.par_chunks_mut(PAR_CHUNK).zip(v.par_chunks(PAR_CHUNK)).for_each(|(o, i)| {
-            for (o, &x) in o.iter_mut().zip(i) {
-                *o = f(x);
-            }
-        });
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(v.par_chunks(PAR_CHUNK))
+            .for_each(|(o, i)| {
+                for (o, &x) in o.iter_mut().zip(i) {
+                    *o = f(x);
+                }
+            });
         out
     } else {
         v.iter().map(|&x| f(x)).collect()
@@ -120,10 +122,12 @@ pub(crate) fn forward<F: Float>(op: Unary, v: &[F]) -> Vec<F> {
         Unary::Sigmoid => map(v, sigmoid),
         Unary::Relu => map(v, |x| if x > F::zero() { x } else { F::zero() }),
         Unary::Silu => map(v, |x| x * sigmoid(x)),
-        Unary::Gelu => map(v, |x| c(0.5) * x * (F::one() + (x * c(FRAC_1_SQRT_2)).erf())),
-        Unary::GeluTanh => {
-            map(v, |x| c(0.5) * x * (F::one() + (c(SQRT_2_OVER_PI) * (x + c(0.044715) * x * x * x)).tanh()))
-        }
+        Unary::Gelu => map(v, |x| {
+            c(0.5) * x * (F::one() + (x * c(FRAC_1_SQRT_2)).erf())
+        }),
+        Unary::GeluTanh => map(v, |x| {
+            c(0.5) * x * (F::one() + (c(SQRT_2_OVER_PI) * (x + c(0.044715) * x * x * x)).tanh())
+        }),
         Unary::QuickGelu => map(v, |x| x * sigmoid(c(1.702) * x)),
         Unary::Neg => map(v, |x| -x),
         Unary::Abs => map(v, |x| x.abs()),
@@ -142,7 +146,15 @@ pub(crate) fn forward<F: Float>(op: Unary, v: &[F]) -> Vec<F> {
         Unary::Clamp(lo, hi) => {
             let (lo, hi) = (c(lo), c(hi));
             // NaN propagates, as in torch.clamp
-            map(v, move |x| if x < lo { lo } else if x > hi { hi } else { x })
+            map(v, move |x| {
+                if x < lo {
+                    lo
+                } else if x > hi {
+                    hi
+                } else {
+                    x
+                }
+            })
         }
     }
 }
@@ -241,16 +253,26 @@ impl Tensor {
     pub fn unary(&self, op: Unary) -> Result<Tensor> {
         if !self.dtype().is_float() {
             // neg/abs/relu/sqr make sense on integers too; compute exactly in f64 for them
-            if matches!(op, Unary::Neg | Unary::Abs | Unary::Relu | Unary::Sqr | Unary::Clamp(..)) {
+            if matches!(
+                op,
+                Unary::Neg | Unary::Abs | Unary::Relu | Unary::Sqr | Unary::Clamp(..)
+            ) {
                 let v: Vec<f64> = forward(op, &self.to_vec_f64()?);
                 return Tensor::from_vec(v, self.shape())?.to_dtype(self.dtype());
             }
-            return Err(Error::unsupported_dtype(op.name(), self.dtype(), "a float dtype is needed"));
+            return Err(Error::unsupported_dtype(
+                op.name(),
+                self.dtype(),
+                "a float dtype is needed",
+            ));
         }
         let out = with_float!(self.float_data(op.name())?, v => {
             Tensor::from_float_vec(forward(op, &v), self.shape(), self.dtype())?
         });
-        Ok(attach(out, || UnaryBackward { op, input: self.clone() }))
+        Ok(attach(out, || UnaryBackward {
+            op,
+            input: self.clone(),
+        }))
     }
 
     /// e^x

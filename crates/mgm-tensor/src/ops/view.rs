@@ -199,17 +199,34 @@ impl Tensor {
         if shape == self.shape() {
             return Ok(self.clone());
         }
-        let base = if self.is_contiguous() { self.clone() } else { self.copy_untracked()? };
-        let out = base.with_layout(Layout::contiguous_with_offset(shape, base.layout().offset()));
-        Ok(attach(out, || ReshapeBackward { input: self.clone() }))
+        let base = if self.is_contiguous() {
+            self.clone()
+        } else {
+            self.copy_untracked()?
+        };
+        let out = base.with_layout(Layout::contiguous_with_offset(
+            shape,
+            base.layout().offset(),
+        ));
+        Ok(attach(out, || ReshapeBackward {
+            input: self.clone(),
+        }))
     }
 
     /// Reshape with one dim given as `-1` and inferred, like `tensor.view(-1, n)`.
     pub fn reshape_infer(&self, shape: &[isize]) -> Result<Tensor> {
-        let known: usize = shape.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
+        let known: usize = shape
+            .iter()
+            .filter(|&&d| d >= 0)
+            .map(|&d| d as usize)
+            .product();
         let infer = shape.iter().filter(|&&d| d == -1).count();
         if infer > 1 || shape.iter().any(|&d| d < -1) {
-            return Err(Error::invalid_shape("reshape", self.shape(), format!("bad target {shape:?}")));
+            return Err(Error::invalid_shape(
+                "reshape",
+                self.shape(),
+                format!("bad target {shape:?}"),
+            ));
         }
         let resolved: Vec<usize> = if infer == 1 {
             if known == 0 || self.numel() % known != 0 {
@@ -219,7 +236,16 @@ impl Tensor {
                     format!("cannot infer -1 in {shape:?} for {} elements", self.numel()),
                 ));
             }
-            shape.iter().map(|&d| if d == -1 { self.numel() / known } else { d as usize }).collect()
+            shape
+                .iter()
+                .map(|&d| {
+                    if d == -1 {
+                        self.numel() / known
+                    } else {
+                        d as usize
+                    }
+                })
+                .collect()
         } else {
             shape.iter().map(|&d| d as usize).collect()
         };
@@ -234,7 +260,11 @@ impl Tensor {
         let s = resolve_dim("flatten", start, self.shape())?;
         let e = resolve_dim("flatten", end, self.shape())?;
         if s > e {
-            return Err(Error::invalid_shape("flatten", self.shape(), format!("start {start} after end {end}")));
+            return Err(Error::invalid_shape(
+                "flatten",
+                self.shape(),
+                format!("start {start} after end {end}"),
+            ));
         }
         let mut shape = self.shape()[..s].to_vec();
         shape.push(self.shape()[s..=e].iter().product());
@@ -246,7 +276,11 @@ impl Tensor {
     pub fn permute(&self, dims: &[usize]) -> Result<Tensor> {
         let rank = self.rank();
         let mut seen = vec![false; rank];
-        if dims.len() != rank || dims.iter().any(|&d| d >= rank || std::mem::replace(&mut seen[d], true)) {
+        if dims.len() != rank
+            || dims
+                .iter()
+                .any(|&d| d >= rank || std::mem::replace(&mut seen[d], true))
+        {
             return Err(Error::invalid_shape(
                 "permute",
                 self.shape(),
@@ -257,7 +291,10 @@ impl Tensor {
         let shape = dims.iter().map(|&d| l.shape()[d]).collect();
         let strides = dims.iter().map(|&d| l.strides()[d]).collect();
         let out = self.with_layout(Layout::new(shape, strides, l.offset()));
-        Ok(attach(out, || PermuteBackward { input: self.clone(), dims: dims.to_vec() }))
+        Ok(attach(out, || PermuteBackward {
+            input: self.clone(),
+            dims: dims.to_vec(),
+        }))
     }
 
     /// Swaps two dims (a view).
@@ -272,7 +309,11 @@ impl Tensor {
     /// Transpose of the last two dims.
     pub fn t(&self) -> Result<Tensor> {
         if self.rank() < 2 {
-            return Err(Error::invalid_shape("t", self.shape(), "needs at least 2 dims"));
+            return Err(Error::invalid_shape(
+                "t",
+                self.shape(),
+                "needs at least 2 dims",
+            ));
         }
         self.transpose(-2, -1)
     }
@@ -284,21 +325,36 @@ impl Tensor {
         if start.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::out_of_bounds(
                 "narrow",
-                format!("range {start}..{} exceeds dim {d} of size {size} (shape {:?})", start + len, self.shape()),
+                format!(
+                    "range {start}..{} exceeds dim {d} of size {size} (shape {:?})",
+                    start + len,
+                    self.shape()
+                ),
             ));
         }
         let l = self.layout();
         let mut shape = l.shape().to_vec();
         shape[d] = len;
-        let offset = if len == 0 { l.offset() } else { l.offset() + start * l.strides()[d] };
+        let offset = if len == 0 {
+            l.offset()
+        } else {
+            l.offset() + start * l.strides()[d]
+        };
         let out = self.with_layout(Layout::new(shape, l.strides().to_vec(), offset));
-        Ok(attach(out, || NarrowBackward { input: self.clone(), dim: d, start }))
+        Ok(attach(out, || NarrowBackward {
+            input: self.clone(),
+            dim: d,
+            start,
+        }))
     }
 
     /// Python-style slice `start..end` on `dim` (a view).
     pub fn slice(&self, dim: isize, range: std::ops::Range<usize>) -> Result<Tensor> {
         if range.end < range.start {
-            return Err(Error::out_of_bounds("slice", format!("range {range:?} is reversed")));
+            return Err(Error::out_of_bounds(
+                "slice",
+                format!("range {range:?} is reversed"),
+            ));
         }
         self.narrow(dim, range.start, range.end - range.start)
     }
@@ -316,7 +372,9 @@ impl Tensor {
         }
         let layout = self.layout().broadcast_as("broadcast_as", shape)?;
         let out = self.with_layout(layout);
-        Ok(attach(out, || BroadcastBackward { input: self.clone() }))
+        Ok(attach(out, || BroadcastBackward {
+            input: self.clone(),
+        }))
     }
 
     /// Alias of [`Tensor::broadcast_as`] as PyTorch names it.
@@ -328,7 +386,11 @@ impl Tensor {
     pub fn squeeze(&self, dim: isize) -> Result<Tensor> {
         let d = resolve_dim("squeeze", dim, self.shape())?;
         if self.shape()[d] != 1 {
-            return Err(Error::invalid_shape("squeeze", self.shape(), format!("dim {d} has size {}", self.shape()[d])));
+            return Err(Error::invalid_shape(
+                "squeeze",
+                self.shape(),
+                format!("dim {d} has size {}", self.shape()[d]),
+            ));
         }
         let l = self.layout();
         let mut shape = l.shape().to_vec();
@@ -336,7 +398,9 @@ impl Tensor {
         shape.remove(d);
         strides.remove(d);
         let out = self.with_layout(Layout::new(shape, strides, l.offset()));
-        Ok(attach(out, || ReshapeBackward { input: self.clone() }))
+        Ok(attach(out, || ReshapeBackward {
+            input: self.clone(),
+        }))
     }
 
     /// Inserts a dim of size 1 at `dim` (`-1` appends).
@@ -344,29 +408,51 @@ impl Tensor {
         let rank = self.rank() as isize;
         let d = if dim < 0 { dim + rank + 1 } else { dim };
         if d < 0 || d > rank {
-            return Err(Error::DimOutOfRange { op: "unsqueeze", dim, rank: self.rank(), shape: self.shape().to_vec() });
+            return Err(Error::DimOutOfRange {
+                op: "unsqueeze",
+                dim,
+                rank: self.rank(),
+                shape: self.shape().to_vec(),
+            });
         }
         let d = d as usize;
         let l = self.layout();
         let mut shape = l.shape().to_vec();
         let mut strides = l.strides().to_vec();
-        let stride = if d < shape.len() { shape[d] * strides[d] } else { 1 };
+        let stride = if d < shape.len() {
+            shape[d] * strides[d]
+        } else {
+            1
+        };
         shape.insert(d, 1);
         strides.insert(d, stride.max(1));
         let out = self.with_layout(Layout::new(shape, strides, l.offset()));
-        Ok(attach(out, || ReshapeBackward { input: self.clone() }))
+        Ok(attach(out, || ReshapeBackward {
+            input: self.clone(),
+        }))
     }
 
     /// Concatenates along `dim`; all other dims must agree.
     pub fn cat(tensors: &[Tensor], dim: isize) -> Result<Tensor> {
-        let first = tensors.first().ok_or_else(|| Error::invalid_shape("cat", &[], "no tensors given"))?;
+        let first = tensors
+            .first()
+            .ok_or_else(|| Error::invalid_shape("cat", &[], "no tensors given"))?;
         let d = resolve_dim("cat", dim, first.shape())?;
         for t in &tensors[1..] {
             first.ensure_same("cat", t)?;
             let ok = t.rank() == first.rank()
-                && t.shape().iter().zip(first.shape()).enumerate().all(|(i, (a, b))| i == d || a == b);
+                && t.shape()
+                    .iter()
+                    .zip(first.shape())
+                    .enumerate()
+                    .all(|(i, (a, b))| i == d || a == b);
             if !ok {
-                return Err(Error::shape_mismatch("cat", first.shape(), t.shape(), format!("all dims but {d} must agree")));
+                return Err(Error::shape_mismatch(
+                    "cat",
+                    first.shape(),
+                    t.shape(),
+                    format!("all dims but {d} must agree"),
+                ));
             }
         }
         if tensors.len() == 1 {
@@ -376,16 +462,27 @@ impl Tensor {
         shape[d] = tensors.iter().map(|t| t.shape()[d]).sum();
         let outer: usize = shape[..d].iter().product();
         let out = with_dtype!(first.dtype(), T => cat_copy::<T>(tensors, d, outer, &shape)?);
-        Ok(attach(out, || CatBackward { inputs: tensors.to_vec(), dim: d }))
+        Ok(attach(out, || CatBackward {
+            inputs: tensors.to_vec(),
+            dim: d,
+        }))
     }
 
     /// Stacks equal-shaped tensors along a new dim.
     pub fn stack(tensors: &[Tensor], dim: isize) -> Result<Tensor> {
-        let parts = tensors.iter().map(|t| t.unsqueeze(dim)).collect::<Result<Vec<_>>>()?;
+        let parts = tensors
+            .iter()
+            .map(|t| t.unsqueeze(dim))
+            .collect::<Result<Vec<_>>>()?;
         if let Some(first) = tensors.first() {
             for t in tensors {
                 if t.shape() != first.shape() {
-                    return Err(Error::shape_mismatch("stack", first.shape(), t.shape(), "all shapes must be equal"));
+                    return Err(Error::shape_mismatch(
+                        "stack",
+                        first.shape(),
+                        t.shape(),
+                        "all shapes must be equal",
+                    ));
                 }
             }
         }
@@ -395,7 +492,11 @@ impl Tensor {
     /// Splits into `n` views along `dim`, the last possibly smaller (like `torch.chunk`).
     pub fn chunk(&self, n: usize, dim: isize) -> Result<Vec<Tensor>> {
         if n == 0 {
-            return Err(Error::invalid_shape("chunk", self.shape(), "chunk count must be > 0"));
+            return Err(Error::invalid_shape(
+                "chunk",
+                self.shape(),
+                "chunk count must be > 0",
+            ));
         }
         let d = resolve_dim("chunk", dim, self.shape())?;
         let size = self.shape()[d];
@@ -407,7 +508,11 @@ impl Tensor {
     /// `torch.split`).
     pub fn split(&self, size: usize, dim: isize) -> Result<Vec<Tensor>> {
         if size == 0 {
-            return Err(Error::invalid_shape("split", self.shape(), "split size must be > 0"));
+            return Err(Error::invalid_shape(
+                "split",
+                self.shape(),
+                "split size must be > 0",
+            ));
         }
         let d = resolve_dim("split", dim, self.shape())?;
         let total = self.shape()[d];
@@ -428,7 +533,11 @@ impl Tensor {
     pub fn split_sizes(&self, sizes: &[usize], dim: isize) -> Result<Vec<Tensor>> {
         let d = resolve_dim("split_sizes", dim, self.shape())?;
         if sizes.iter().sum::<usize>() != self.shape()[d] {
-            return Err(Error::invalid_shape("split_sizes", self.shape(), format!("sizes {sizes:?} do not sum to dim {d}")));
+            return Err(Error::invalid_shape(
+                "split_sizes",
+                self.shape(),
+                format!("sizes {sizes:?} do not sum to dim {d}"),
+            ));
         }
         let mut start = 0;
         sizes
@@ -442,7 +551,12 @@ impl Tensor {
     }
 }
 
-fn cat_copy<T: WithDType>(tensors: &[Tensor], d: usize, outer: usize, shape: &[usize]) -> Result<Tensor> {
+fn cat_copy<T: WithDType>(
+    tensors: &[Tensor],
+    d: usize,
+    outer: usize,
+    shape: &[usize],
+) -> Result<Tensor> {
     let numel: usize = shape.iter().product();
     let mut out: Vec<T> = Vec::with_capacity(numel);
     let parts: Vec<(Vec<T>, usize)> = tensors

@@ -1,0 +1,100 @@
+//! Conformance checks of mgm-rs against reference fixtures made by PyTorch.
+//!
+//! The checks live in this library so that both the test suite and `cargo xtask verify` run the
+//! same comparison and report the same numbers.
+//!
+//! ```no_run
+//! let dir = mgm_tests::fixtures_dir().join("tensor_composite");
+//! let report = mgm_tests::tensor_composite::check(&dir).unwrap();
+//! assert!(report.worst_error() <= 1e-5);
+//! ```
+
+pub mod tensor_composite;
+
+use std::path::PathBuf;
+
+/// The committed fixtures directory (`tests/fixtures`).
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// One compared quantity: its name, the worst error and the tolerance it must meet.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// What was compared, e.g. `f32.grad.conv_w`.
+    pub name: String,
+    /// Number of elements compared.
+    pub numel: usize,
+    /// max |ours - ref| / (1 + |ref|) over the elements (infinite if any NaN).
+    pub max_error: f64,
+    /// The tolerance the comparison must meet.
+    pub tolerance: f64,
+}
+
+impl Comparison {
+    /// Compares `ours` with `reference` elementwise.
+    pub fn new(
+        name: impl Into<String>,
+        ours: &[f64],
+        reference: &[f64],
+        tolerance: f64,
+    ) -> Comparison {
+        let max_error = if ours.len() != reference.len() {
+            f64::INFINITY
+        } else {
+            ours.iter().zip(reference).fold(0.0f64, |m, (&a, &r)| {
+                let e = (a - r).abs() / (1.0 + r.abs());
+                if e.is_nan() { f64::INFINITY } else { m.max(e) }
+            })
+        };
+        Comparison {
+            name: name.into(),
+            numel: reference.len(),
+            max_error,
+            tolerance,
+        }
+    }
+
+    /// True when the error is within tolerance.
+    pub fn passed(&self) -> bool {
+        self.max_error <= self.tolerance
+    }
+}
+
+/// All comparisons of one fixture.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The comparisons in order.
+    pub rows: Vec<Comparison>,
+}
+
+impl Report {
+    /// The largest error relative to its tolerance's scale (the worst row's error).
+    pub fn worst_error(&self) -> f64 {
+        self.rows.iter().map(|r| r.max_error).fold(0.0, f64::max)
+    }
+
+    /// Rows that failed their tolerance.
+    pub fn failures(&self) -> Vec<&Comparison> {
+        self.rows.iter().filter(|r| !r.passed()).collect()
+    }
+
+    /// A plain-text table: name | elements | max error | tolerance | ok.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:<24} {:>8} {:>12} {:>10}  ok\n",
+            "quantity", "numel", "max error", "tolerance"
+        );
+        for r in &self.rows {
+            s.push_str(&format!(
+                "{:<24} {:>8} {:>12.3e} {:>10.0e}  {}\n",
+                r.name,
+                r.numel,
+                r.max_error,
+                r.tolerance,
+                if r.passed() { "yes" } else { "NO" }
+            ));
+        }
+        s
+    }
+}

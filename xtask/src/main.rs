@@ -1,0 +1,112 @@
+//! `cargo xtask`: developer tasks for the mgm-rs workspace.
+#![allow(clippy::print_stdout)] // a command-line tool reports on stdout
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Developer tasks for mgm-rs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check mgm-tensor against the committed PyTorch fixtures and print the error table.
+    Verify,
+    /// Regenerate tests/fixtures with the pinned Python generators (creates target/reference-venv).
+    Reference {
+        /// Python interpreter used to create the venv.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
+    /// Run the criterion benches (extra arguments go to `cargo bench`).
+    Bench {
+        /// Arguments passed through, e.g. `--bench matmul`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} exited with {status}");
+    }
+    Ok(())
+}
+
+fn verify() -> Result<()> {
+    let dir = mgm_tests::fixtures_dir().join("tensor_composite");
+    println!("mgm-tensor vs PyTorch 2.15 on {}", dir.display());
+    println!(
+        "(conv2d, bilinear interpolate, layer_norm, matmul, gelu, softmax, rms_norm, cross entropy)\n"
+    );
+    let report =
+        mgm_tests::tensor_composite::check(&dir).context("evaluating the composite fixture")?;
+    print!("{}", report.table());
+    let failures = report.failures();
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} quantities exceed their tolerance",
+            failures.len(),
+            report.rows.len()
+        );
+    }
+    println!(
+        "\nall {} quantities within tolerance (worst {:.2e})",
+        report.rows.len(),
+        report.worst_error()
+    );
+    Ok(())
+}
+
+fn reference(python: &str) -> Result<()> {
+    let root = workspace_root();
+    let venv = root.join("target/reference-venv");
+    let py = venv.join("bin/python");
+    if !py.exists() {
+        run(Command::new(python).args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(&py)
+        .args(["-m", "pip", "install", "--quiet", "-r"])
+        .arg(root.join("tests/reference/requirements.txt")))?;
+    let mut gens: Vec<PathBuf> = std::fs::read_dir(root.join("tests/reference"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("gen_") && n.ends_with(".py"))
+        })
+        .collect();
+    gens.sort();
+    for g in gens {
+        println!("running {}", g.display());
+        run(Command::new(&py).arg(&g))?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Verify => verify(),
+        Cmd::Reference { python } => reference(&python),
+        Cmd::Bench { args } => run(Command::new(env!("CARGO"))
+            .current_dir(workspace_root())
+            .args(["bench", "-p", "mgm-benches"])
+            .args(args)),
+    }
+}
