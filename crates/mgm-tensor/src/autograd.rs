@@ -240,6 +240,7 @@ fn topo_order(root: &Tensor) -> Vec<Tensor> {
 }
 
 /// The gradients computed by one backward pass, by tensor.
+#[derive(Debug)]
 pub struct Gradients {
     grads: HashMap<TensorId, Tensor>,
 }

@@ -59,7 +59,7 @@ pub enum Error {
         msg: String,
     },
     /// Two operands have different dtypes where the op needs them equal.
-    #[error("{op}: dtype mismatch: {lhs:?} and {rhs:?}")]
+    #[error("{op}: dtype mismatch: {lhs} and {rhs}")]
     DTypeMismatch {
         /// The operation that was called.
         op: &'static str,
@@ -69,7 +69,7 @@ pub enum Error {
         rhs: DType,
     },
     /// The op does not support this dtype.
-    #[error("{op}: dtype {dtype:?} is not supported{}", detail_suffix(.detail))]
+    #[error("{op}: dtype {dtype} is not supported{}", detail_suffix(.detail))]
     UnsupportedDType {
         /// The operation that was called.
         op: &'static str,
@@ -99,7 +99,7 @@ pub enum Error {
         msg: String,
     },
     /// A typed accessor was called with the wrong element type.
-    #[error("{op}: tensor has dtype {actual:?}, but {expected:?} was requested")]
+    #[error("{op}: tensor has dtype {actual}, but {expected} was requested")]
     UnexpectedDType {
         /// The accessor that was called.
         op: &'static str,
