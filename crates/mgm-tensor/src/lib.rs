@@ -36,6 +36,8 @@ pub use device::Device;
 pub use dtype::{DType, Float, WithDType};
 pub use error::{Error, Result};
 pub use ops::binary::{BinaryOp, CmpOp};
+pub use ops::conv::Conv2dParams;
+pub use ops::interpolate::InterpolateMode;
 pub use ops::unary::Unary;
 pub use shape::Layout;
 pub use tensor::{Tensor, TensorId};
