@@ -23,9 +23,16 @@ impl Tensor {
                 return Tensor::from_vec(v, &shape);
             }
             let start = offset.unwrap_or(0);
-            let end = start.checked_add(numel).filter(|&e| e <= v.len()).ok_or_else(|| {
-                Error::invalid_shape("from_ndarray", &shape, "array buffer is smaller than its shape")
-            })?;
+            let end = start
+                .checked_add(numel)
+                .filter(|&e| e <= v.len())
+                .ok_or_else(|| {
+                    Error::invalid_shape(
+                        "from_ndarray",
+                        &shape,
+                        "array buffer is smaller than its shape",
+                    )
+                })?;
             return Tensor::from_vec(v[start..end].to_vec(), &shape);
         }
         Tensor::from_vec(a.iter().copied().collect(), &shape)
@@ -53,8 +60,15 @@ impl Tensor {
         let layout = self.layout();
         let offset = layout.offset().min(s.len());
         let strides: Vec<usize> = layout.strides().to_vec();
-        ArrayViewD::from_shape(IxDyn(self.shape()).strides(IxDyn(&strides)), &s[offset..])
-            .map_err(|e| Error::invalid_shape("as_ndarray_view", self.shape(), format!("strides {strides:?}: {e}")))
+        ArrayViewD::from_shape(IxDyn(self.shape()).strides(IxDyn(&strides)), &s[offset..]).map_err(
+            |e| {
+                Error::invalid_shape(
+                    "as_ndarray_view",
+                    self.shape(),
+                    format!("strides {strides:?}: {e}"),
+                )
+            },
+        )
     }
 }
 
@@ -62,6 +76,10 @@ fn check_dtype<T: WithDType>(op: &'static str, t: &Tensor) -> Result<()> {
     if t.dtype() == T::DTYPE {
         Ok(())
     } else {
-        Err(Error::UnexpectedDType { op, expected: T::DTYPE, actual: t.dtype() })
+        Err(Error::UnexpectedDType {
+            op,
+            expected: T::DTYPE,
+            actual: t.dtype(),
+        })
     }
 }

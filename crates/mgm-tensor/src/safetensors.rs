@@ -90,12 +90,21 @@ pub struct SafeTensorsFile {
 
 impl std::fmt::Debug for SafeTensorsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SafeTensorsFile({}, {} tensors)", self.path.display(), self.entries.len())
+        write!(
+            f,
+            "SafeTensorsFile({}, {} tensors)",
+            self.path.display(),
+            self.entries.len()
+        )
     }
 }
 
 fn st_err(path: &Path, tensor: Option<&str>, msg: impl Into<String>) -> Error {
-    Error::SafeTensors { path: path.display().to_string(), tensor: tensor.map(str::to_string), msg: msg.into() }
+    Error::SafeTensors {
+        path: path.display().to_string(),
+        tensor: tensor.map(str::to_string),
+        msg: msg.into(),
+    }
 }
 
 impl SafeTensorsFile {
@@ -103,7 +112,10 @@ impl SafeTensorsFile {
     /// shape times dtype, and data offsets inside the file without overlaps or gaps.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let io = |source| Error::Io { path: path.display().to_string(), source };
+        let io = |source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len < 8 {
@@ -123,7 +135,12 @@ impl SafeTensorsFile {
 
     fn from_map(path: &Path, map: Arc<memmap2::Mmap>) -> Result<Self> {
         let (entries, metadata) = parse_header(path, &map)?;
-        Ok(SafeTensorsFile { path: path.to_path_buf(), map, entries, metadata })
+        Ok(SafeTensorsFile {
+            path: path.to_path_buf(),
+            map,
+            entries,
+            metadata,
+        })
     }
 
     /// The file this was opened from.
@@ -153,7 +170,9 @@ impl SafeTensorsFile {
 
     /// Dtype and shape of a tensor, without touching its data.
     pub fn info(&self, name: &str) -> Option<(DType, &[usize])> {
-        self.entries.get(name).map(|e| (e.dtype, e.shape.as_slice()))
+        self.entries
+            .get(name)
+            .map(|e| (e.dtype, e.shape.as_slice()))
     }
 
     /// The free-form `__metadata__` string map of the header (empty when absent).
@@ -164,16 +183,20 @@ impl SafeTensorsFile {
     /// The tensor `name`, reading from the map without copying (copied only when its bytes are
     /// not aligned for its dtype).
     pub fn get(&self, name: &str) -> Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| Error::TensorNotFound {
-            name: name.to_string(),
-            source_desc: self.path.display().to_string(),
-        })?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::TensorNotFound {
+                name: name.to_string(),
+                source_desc: self.path.display().to_string(),
+            })?;
         let storage = match MappedBuffer::new(self.map.clone(), e.start, e.end - e.start, e.dtype) {
             Some(m) => CpuStorage::Mapped(m),
             None => CpuStorage::from_bytes(e.dtype, &self.map[e.start..e.end])
                 .map_err(|err| st_err(&self.path, Some(name), err.to_string()))?,
         };
-        Tensor::from_storage(storage, &e.shape).map_err(|err| st_err(&self.path, Some(name), err.to_string()))
+        Tensor::from_storage(storage, &e.shape)
+            .map_err(|err| st_err(&self.path, Some(name), err.to_string()))
     }
 
     /// The tensor `name`, which must have element type `T`; the error names the tensor and
@@ -197,20 +220,30 @@ impl SafeTensorsFile {
 
     /// Every tensor, by name (each zero-copy as in [`SafeTensorsFile::get`]).
     pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
-        self.entries.keys().map(|n| Ok((n.clone(), self.get(n)?))).collect()
+        self.entries
+            .keys()
+            .map(|n| Ok((n.clone(), self.get(n)?)))
+            .collect()
     }
 }
 
 /// Reads the header: `(entries by name, __metadata__)`, with every structural problem an error
 /// naming the file and, when it concerns one, the tensor.
 #[allow(clippy::type_complexity)]
-fn parse_header(path: &Path, map: &[u8]) -> Result<(BTreeMap<String, Entry>, HashMap<String, String>)> {
+fn parse_header(
+    path: &Path,
+    map: &[u8],
+) -> Result<(BTreeMap<String, Entry>, HashMap<String, String>)> {
     let file_len = map.len();
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&map[..8]);
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_LEN {
-        return Err(st_err(path, None, format!("corrupt header: header length {header_len} exceeds the 100 MB limit")));
+        return Err(st_err(
+            path,
+            None,
+            format!("corrupt header: header length {header_len} exceeds the 100 MB limit"),
+        ));
     }
     let header_len = header_len as usize;
     let data_start = 8 + header_len;
@@ -218,44 +251,73 @@ fn parse_header(path: &Path, map: &[u8]) -> Result<(BTreeMap<String, Entry>, Has
         return Err(st_err(
             path,
             None,
-            format!("file is truncated: header length {header_len} runs past the end of the {file_len}-byte file"),
+            format!(
+                "file is truncated: header length {header_len} runs past the end of the {file_len}-byte file"
+            ),
         ));
     }
     let header = std::str::from_utf8(&map[8..data_start])
         .map_err(|e| st_err(path, None, format!("corrupt header: not UTF-8 ({e})")))?;
-    let json: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(header).map_err(|e| st_err(path, None, format!("corrupt header: invalid JSON ({e})")))?;
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_str(header)
+        .map_err(|e| st_err(path, None, format!("corrupt header: invalid JSON ({e})")))?;
 
     let mut metadata = HashMap::new();
     let mut entries = BTreeMap::new();
     let data_len = file_len - data_start;
     for (name, value) in json {
         if name == "__metadata__" {
-            let obj = value
-                .as_object()
-                .ok_or_else(|| st_err(path, None, "corrupt header: __metadata__ is not a map of strings to strings"))?;
+            let obj = value.as_object().ok_or_else(|| {
+                st_err(
+                    path,
+                    None,
+                    "corrupt header: __metadata__ is not a map of strings to strings",
+                )
+            })?;
             for (k, v) in obj {
                 let v = v.as_str().ok_or_else(|| {
-                    st_err(path, None, format!("corrupt header: __metadata__ value of {k:?} is not a string"))
+                    st_err(
+                        path,
+                        None,
+                        format!("corrupt header: __metadata__ value of {k:?} is not a string"),
+                    )
                 })?;
                 metadata.insert(k.clone(), v.to_string());
             }
             continue;
         }
         let info: safetensors::tensor::TensorInfo = serde_json::from_value(value).map_err(|e| {
-            st_err(path, Some(&name), format!("corrupt header entry: {e} (supported dtypes: {SUPPORTED})"))
+            st_err(
+                path,
+                Some(&name),
+                format!("corrupt header entry: {e} (supported dtypes: {SUPPORTED})"),
+            )
         })?;
         let dtype = from_st_dtype(info.dtype).ok_or_else(|| {
             st_err(
                 path,
                 Some(&name),
-                format!("dtype {:?} is not supported (supported dtypes: {SUPPORTED})", info.dtype),
+                format!(
+                    "dtype {:?} is not supported (supported dtypes: {SUPPORTED})",
+                    info.dtype
+                ),
             )
         })?;
-        let numel = info.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let nbytes = numel.and_then(|n| n.checked_mul(dtype.size_in_bytes())).ok_or_else(|| {
-            st_err(path, Some(&name), format!("corrupt header: shape {:?} overflows the address space", info.shape))
-        })?;
+        let numel = info
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let nbytes = numel
+            .and_then(|n| n.checked_mul(dtype.size_in_bytes()))
+            .ok_or_else(|| {
+                st_err(
+                    path,
+                    Some(&name),
+                    format!(
+                        "corrupt header: shape {:?} overflows the address space",
+                        info.shape
+                    ),
+                )
+            })?;
         let (s, e) = info.data_offsets;
         if e < s {
             return Err(st_err(
@@ -286,7 +348,15 @@ fn parse_header(path: &Path, map: &[u8]) -> Result<(BTreeMap<String, Entry>, Has
                 ),
             ));
         }
-        entries.insert(name, Entry { dtype, shape: info.shape, start: data_start + s, end: data_start + e });
+        entries.insert(
+            name,
+            Entry {
+                dtype,
+                shape: info.shape,
+                start: data_start + s,
+                end: data_start + e,
+            },
+        );
     }
 
     // The format requires the data section to be covered exactly once, in offset order.
@@ -296,7 +366,9 @@ fn parse_header(path: &Path, map: &[u8]) -> Result<(BTreeMap<String, Entry>, Has
     let mut prev: Option<&str> = None;
     for (name, e) in &by_offset {
         if e.start < pos {
-            let other = prev.map(|p| format!(" with tensor {p:?}")).unwrap_or_default();
+            let other = prev
+                .map(|p| format!(" with tensor {p:?}"))
+                .unwrap_or_default();
             return Err(st_err(
                 path,
                 Some(name),
@@ -329,7 +401,10 @@ fn parse_header(path: &Path, map: &[u8]) -> Result<(BTreeMap<String, Entry>, Has
         return Err(st_err(
             path,
             None,
-            format!("corrupt file: {} trailing bytes after the last tensor's data", file_len - pos),
+            format!(
+                "corrupt file: {} trailing bytes after the last tensor's data",
+                file_len - pos
+            ),
         ));
     }
     Ok((entries, metadata))
@@ -373,9 +448,12 @@ impl safetensors::View for SaveView<'_> {
 fn strided_bytes(t: &Tensor) -> Vec<u8> {
     fn gather<T: WithDType>(t: &Tensor) -> Vec<u8> {
         // Every tensor's storage holds its own dtype, so the typed read cannot fail.
-        let s = t.storage_slice::<T>().expect("storage dtype equals tensor dtype");
+        let s = t
+            .storage_slice::<T>()
+            .expect("storage dtype equals tensor dtype");
         let mut out: Vec<u8> = Vec::with_capacity(t.numel() * size_of::<T>());
-        t.layout().for_each_offset(|o| out.extend_from_slice(bytemuck::bytes_of(&s[o])));
+        t.layout()
+            .for_each_offset(|o| out.extend_from_slice(bytemuck::bytes_of(&s[o])));
         out
     }
     crate::ops::view::with_dtype!(t.dtype(), T => gather::<T>(t))
@@ -406,7 +484,11 @@ pub fn save_with_metadata<'a, K: AsRef<str>>(
     for (name, t) in tensors {
         let name = name.as_ref().to_string();
         if name == "__metadata__" {
-            return Err(st_err(path, Some(&name), "this name is reserved for the header's metadata"));
+            return Err(st_err(
+                path,
+                Some(&name),
+                "this name is reserved for the header's metadata",
+            ));
         }
         if !seen.insert(name.clone()) {
             return Err(st_err(path, Some(&name), "the tensor name is given twice"));
@@ -415,10 +497,21 @@ pub fn save_with_metadata<'a, K: AsRef<str>>(
     }
     let views: Vec<(&str, SaveView<'_>)> = owned
         .iter()
-        .map(|(n, t)| (n.as_str(), SaveView { tensor: t, nbytes: t.numel() * t.dtype().size_in_bytes() }))
+        .map(|(n, t)| {
+            (
+                n.as_str(),
+                SaveView {
+                    tensor: t,
+                    nbytes: t.numel() * t.dtype().size_in_bytes(),
+                },
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(source) => Error::Io { path: path.display().to_string(), source },
+        safetensors::SafeTensorError::IoError(source) => Error::Io {
+            path: path.display().to_string(),
+            source,
+        },
         e => st_err(path, None, e.to_string()),
     })
 }
@@ -429,7 +522,15 @@ mod tests {
 
     #[test]
     fn dtype_names_round_trip() {
-        for d in [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64, DType::U32, DType::U8] {
+        for d in [
+            DType::F32,
+            DType::F64,
+            DType::F16,
+            DType::BF16,
+            DType::I64,
+            DType::U32,
+            DType::U8,
+        ] {
             assert_eq!(from_st_dtype(to_st_dtype(d)), Some(d));
             assert!(SUPPORTED.contains(dtype_name(d)));
         }

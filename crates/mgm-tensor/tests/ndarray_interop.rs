@@ -64,9 +64,16 @@ fn from_ndarray_moves_a_standard_layout_buffer() {
     let a = ArrayD::from_shape_vec(IxDyn(&[3, 4]), (0..12).map(|i| i as f32).collect()).unwrap();
     let ptr = a.as_ptr();
     let t = Tensor::from_ndarray(a).unwrap();
-    assert_eq!(t.storage_slice::<f32>().unwrap().as_ptr(), ptr, "the Vec must be moved, not copied");
+    assert_eq!(
+        t.storage_slice::<f32>().unwrap().as_ptr(),
+        ptr,
+        "the Vec must be moved, not copied"
+    );
     assert_eq!(t.shape(), &[3, 4]);
-    assert_eq!(t.to_vec::<f32>().unwrap(), (0..12).map(|i| i as f32).collect::<Vec<_>>());
+    assert_eq!(
+        t.to_vec::<f32>().unwrap(),
+        (0..12).map(|i| i as f32).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -110,7 +117,10 @@ fn ndarray_view_is_zero_copy_with_the_tensor_strides() {
     let nrw = base.narrow(1, 1, 2).unwrap().narrow(2, 2, 2).unwrap();
     let v = nrw.as_ndarray_view::<f32>().unwrap();
     assert_eq!(v.as_ptr(), unsafe { storage_ptr.add(4 + 2) });
-    assert_eq!(v.iter().copied().collect::<Vec<_>>(), nrw.to_vec::<f32>().unwrap());
+    assert_eq!(
+        v.iter().copied().collect::<Vec<_>>(),
+        nrw.to_vec::<f32>().unwrap()
+    );
 
     // broadcast: stride 0, no copy
     let row = Tensor::from_vec(vec![1f32, 2., 3.], &[1, 3]).unwrap();
@@ -126,6 +136,9 @@ fn ndarray_view_is_zero_copy_with_the_tensor_strides() {
 fn wrong_element_type_is_an_error() {
     let t = Tensor::from_vec(vec![1i64, 2], &[2]).unwrap();
     let e = t.to_ndarray::<f32>().unwrap_err().to_string();
-    assert!(e.contains("to_ndarray") && e.contains("I64") && e.contains("F32"), "{e}");
+    assert!(
+        e.contains("to_ndarray") && e.contains("I64") && e.contains("F32"),
+        "{e}"
+    );
     assert!(t.as_ndarray_view::<f64>().is_err());
 }

@@ -21,7 +21,8 @@ fn unary_ref(op: Unary, x: f64) -> f64 {
         Unary::Silu => x * sig(x),
         Unary::Gelu => 0.5 * x * (1.0 + libm_erf(x / 2f64.sqrt())),
         Unary::GeluTanh => {
-            0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
         }
         Unary::QuickGelu => x * sig(1.702 * x),
         Unary::Neg => -x,
@@ -81,11 +82,19 @@ fn all_unary() -> Vec<Unary> {
 
 /// Ops defined only for positive inputs get |x| + 0.1.
 fn positive_domain(op: Unary) -> bool {
-    matches!(op, Unary::Log | Unary::Sqrt | Unary::Rsqrt | Unary::Recip | Unary::Powf(_))
+    matches!(
+        op,
+        Unary::Log | Unary::Sqrt | Unary::Rsqrt | Unary::Recip | Unary::Powf(_)
+    )
 }
 
 fn dtype_strategy() -> impl Strategy<Value = DType> {
-    prop_oneof![Just(DType::F32), Just(DType::F64), Just(DType::F16), Just(DType::BF16)]
+    prop_oneof![
+        Just(DType::F32),
+        Just(DType::F64),
+        Just(DType::F16),
+        Just(DType::BF16)
+    ]
 }
 
 fn tol_for(dtype: DType) -> f64 {
@@ -211,7 +220,8 @@ fn unary_gradients_match_finite_differences() {
         }
         if matches!(op, Unary::Abs | Unary::Relu) {
             // keep away from the kink at 0 where the derivative is not defined
-            vals.iter_mut().for_each(|v| *v = if v.abs() < 0.05 { 0.3 } else { *v });
+            vals.iter_mut()
+                .for_each(|v| *v = if v.abs() < 0.05 { 0.3 } else { *v });
         }
         if let Unary::Clamp(lo, hi) = op {
             vals.iter_mut().for_each(|v| {
@@ -228,18 +238,38 @@ fn unary_gradients_match_finite_differences() {
 #[test]
 fn binary_gradients_reduce_broadcast_dims() {
     let a = Tensor::from_vec(values(1, 24, 2.0), &[2, 3, 4]).unwrap();
-    let b = Tensor::from_vec(values(2, 4, 2.0).iter().map(|v| v.abs() + 0.5).collect(), &[1, 4]).unwrap();
-    grad_check("add", &[a.clone(), b.clone()], &[true, true], |x| x[0].add(&x[1]));
-    grad_check("sub", &[a.clone(), b.clone()], &[true, true], |x| x[0].sub(&x[1]));
-    grad_check("mul", &[a.clone(), b.clone()], &[true, true], |x| x[0].mul(&x[1]));
-    grad_check("div", &[a.clone(), b.clone()], &[true, true], |x| x[0].div(&x[1]));
-    grad_check("maximum", &[a.clone(), b.clone()], &[true, true], |x| x[0].maximum(&x[1]));
-    grad_check("minimum", &[a.clone(), b.clone()], &[true, true], |x| x[0].minimum(&x[1]));
+    let b = Tensor::from_vec(
+        values(2, 4, 2.0).iter().map(|v| v.abs() + 0.5).collect(),
+        &[1, 4],
+    )
+    .unwrap();
+    grad_check("add", &[a.clone(), b.clone()], &[true, true], |x| {
+        x[0].add(&x[1])
+    });
+    grad_check("sub", &[a.clone(), b.clone()], &[true, true], |x| {
+        x[0].sub(&x[1])
+    });
+    grad_check("mul", &[a.clone(), b.clone()], &[true, true], |x| {
+        x[0].mul(&x[1])
+    });
+    grad_check("div", &[a.clone(), b.clone()], &[true, true], |x| {
+        x[0].div(&x[1])
+    });
+    grad_check("maximum", &[a.clone(), b.clone()], &[true, true], |x| {
+        x[0].maximum(&x[1])
+    });
+    grad_check("minimum", &[a.clone(), b.clone()], &[true, true], |x| {
+        x[0].minimum(&x[1])
+    });
     let pos = a.abs().unwrap().add_scalar(0.5).unwrap();
     grad_check("pow", &[pos, b.clone()], &[true, true], |x| x[0].pow(&x[1]));
     let mask = a.gt(&b).unwrap();
-    grad_check("where", &[a.clone(), b.clone()], &[true, true], |x| mask.where_cond(&x[0], &x[1]));
-    grad_check("masked_fill", &[a.clone()], &[true], |x| x[0].masked_fill(&mask, -3.0));
+    grad_check("where", &[a.clone(), b.clone()], &[true, true], |x| {
+        mask.where_cond(&x[0], &x[1])
+    });
+    grad_check("masked_fill", &[a.clone()], &[true], |x| {
+        x[0].masked_fill(&mask, -3.0)
+    });
 }
 
 #[test]
@@ -247,7 +277,10 @@ fn masked_fill_sets_masked_entries() {
     let x = Tensor::from_vec(vec![1f32, 2., 3., 4.], &[2, 2]).unwrap();
     let mask = Tensor::from_vec(vec![0u8, 1], &[1, 2]).unwrap();
     let y = x.masked_fill(&mask, f64::NEG_INFINITY).unwrap();
-    assert_eq!(y.to_vec::<f32>().unwrap(), vec![1., f32::NEG_INFINITY, 3., f32::NEG_INFINITY]);
+    assert_eq!(
+        y.to_vec::<f32>().unwrap(),
+        vec![1., f32::NEG_INFINITY, 3., f32::NEG_INFINITY]
+    );
 }
 
 #[test]
@@ -255,7 +288,10 @@ fn binary_errors_name_op_and_shapes() {
     let a = Tensor::zeros(&[2, 3], DType::F32, Device::Cpu).unwrap();
     let b = Tensor::zeros(&[4], DType::F32, Device::Cpu).unwrap();
     let e = a.add(&b).unwrap_err().to_string();
-    assert!(e.contains("add") && e.contains("[2, 3]") && e.contains("[4]"), "{e}");
+    assert!(
+        e.contains("add") && e.contains("[2, 3]") && e.contains("[4]"),
+        "{e}"
+    );
     let c = Tensor::zeros(&[2, 3], DType::F64, Device::Cpu).unwrap();
     let e = a.mul(&c).unwrap_err().to_string();
     assert!(e.contains("mul") && e.contains("dtype"), "{e}");
@@ -270,17 +306,28 @@ fn binary_errors_name_op_and_shapes() {
 
 #[test]
 fn cuda_device_is_a_clear_error() {
-    let e = Tensor::zeros(&[2], DType::F32, Device::Cuda(0)).unwrap_err().to_string();
+    let e = Tensor::zeros(&[2], DType::F32, Device::Cuda(0))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("cuda:0") && e.contains("not available"), "{e}");
     let t = Tensor::zeros(&[2], DType::F32, Device::Cpu).unwrap();
-    assert!(t.to_device(Device::Cuda(1)).unwrap_err().to_string().contains("cuda:1"));
+    assert!(
+        t.to_device(Device::Cuda(1))
+            .unwrap_err()
+            .to_string()
+            .contains("cuda:1")
+    );
 }
 
 #[test]
 fn large_inputs_take_the_parallel_path_correctly() {
     // above the rayon threshold, with a broadcast operand on a strided view
     let n = 300_000;
-    let a = Tensor::from_vec((0..n).map(|i| (i % 97) as f32 * 0.01).collect::<Vec<_>>(), &[600, 500]).unwrap();
+    let a = Tensor::from_vec(
+        (0..n).map(|i| (i % 97) as f32 * 0.01).collect::<Vec<_>>(),
+        &[600, 500],
+    )
+    .unwrap();
     let b = Tensor::from_vec((0..500).map(|i| i as f32).collect::<Vec<_>>(), &[500]).unwrap();
     let at = a.t().unwrap(); // [500, 600] strided
     let y = at.add(&b.reshape(&[500, 1]).unwrap()).unwrap();

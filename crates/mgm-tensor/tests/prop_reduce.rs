@@ -15,7 +15,11 @@ fn pick_dims(rank: usize, mask: u32, neg: u32) -> (Vec<isize>, Vec<usize>) {
     for k in 0..rank {
         if mask >> k & 1 == 1 {
             resolved.push(k);
-            dims.push(if neg >> k & 1 == 1 { k as isize - rank as isize } else { k as isize });
+            dims.push(if neg >> k & 1 == 1 {
+                k as isize - rank as isize
+            } else {
+                k as isize
+            });
         }
     }
     (dims, resolved)
@@ -24,7 +28,11 @@ fn pick_dims(rank: usize, mask: u32, neg: u32) -> (Vec<isize>, Vec<usize>) {
 /// The values of each output element of a reduction over `dims` (empty = all), in output order;
 /// within a group, in row-major order of the reduced dims.
 fn groups(vals: &[f64], shape: &[usize], dims: &[usize]) -> Vec<Vec<f64>> {
-    let dims: Vec<usize> = if dims.is_empty() { (0..shape.len()).collect() } else { dims.to_vec() };
+    let dims: Vec<usize> = if dims.is_empty() {
+        (0..shape.len()).collect()
+    } else {
+        dims.to_vec()
+    };
     let kept: Vec<usize> = (0..shape.len()).filter(|d| !dims.contains(d)).collect();
     let outputs: usize = kept.iter().map(|&d| shape[d]).product();
     let mut g = vec![Vec::new(); outputs];
@@ -115,11 +123,23 @@ fn assert_close_nan(actual: &[f64], expected: &[f64], tol: f64, ctx: &str) {
 }
 
 fn tol_of(dtype: DType) -> f64 {
-    if dtype == DType::BF16 || dtype == DType::F16 { 1e-2 } else { 1e-5 }
+    if dtype == DType::BF16 || dtype == DType::F16 {
+        1e-2
+    } else {
+        1e-5
+    }
 }
 
 fn any_dtype() -> impl Strategy<Value = DType> {
-    prop_oneof![Just(DType::F32), Just(DType::F64), Just(DType::BF16), Just(DType::F16), Just(DType::I64), Just(DType::U32), Just(DType::U8)]
+    prop_oneof![
+        Just(DType::F32),
+        Just(DType::F64),
+        Just(DType::BF16),
+        Just(DType::F16),
+        Just(DType::I64),
+        Just(DType::U32),
+        Just(DType::U8)
+    ]
 }
 
 fn float_dtype() -> impl Strategy<Value = DType> {
@@ -133,11 +153,17 @@ fn test_values(seed: u64, n: usize, dtype: DType, nan: bool) -> Vec<f64> {
     if !dtype.is_float() {
         return v.iter().map(|x| (x + 4.0).floor()).collect();
     }
-    v.iter().enumerate().map(|(i, &x)| if nan && i % 7 == 3 { f64::NAN } else { x }).collect()
+    v.iter()
+        .enumerate()
+        .map(|(i, &x)| if nan && i % 7 == 3 { f64::NAN } else { x })
+        .collect()
 }
 
 fn cfg() -> ProptestConfig {
-    ProptestConfig { cases: 48, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -292,10 +318,19 @@ fn reductions_of_rank0_tensors() {
     let t = Tensor::scalar(2.5f32);
     assert_eq!(t.max(0, false).unwrap().to_vec_f64().unwrap(), vec![2.5]);
     assert_eq!(t.min(-1, true).unwrap().shape(), &[] as &[usize]);
-    assert_eq!(t.argmax(0, false).unwrap().to_vec::<i64>().unwrap(), vec![0]);
-    assert_eq!(t.logsumexp(0, false).unwrap().to_vec_f64().unwrap(), vec![2.5]);
+    assert_eq!(
+        t.argmax(0, false).unwrap().to_vec::<i64>().unwrap(),
+        vec![0]
+    );
+    assert_eq!(
+        t.logsumexp(0, false).unwrap().to_vec_f64().unwrap(),
+        vec![2.5]
+    );
     assert_eq!(t.cumsum(0).unwrap().to_vec_f64().unwrap(), vec![2.5]);
-    assert_eq!(t.max_dims(&[], false).unwrap().to_vec_f64().unwrap(), vec![2.5]);
+    assert_eq!(
+        t.max_dims(&[], false).unwrap().to_vec_f64().unwrap(),
+        vec![2.5]
+    );
     assert!(t.max(1, false).is_err());
 }
 
@@ -304,16 +339,44 @@ fn large_reductions_match_reference() {
     // > 2^16 elements so the rayon paths run; rows of 1031 exercise the lane remainders
     let shape = [70usize, 1031];
     let v = values(9, 70 * 1031, 10.0);
-    let t = Tensor::from_vec(v.clone(), &shape).unwrap().to_dtype(DType::F32).unwrap();
+    let t = Tensor::from_vec(v.clone(), &shape)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     let vals = t.to_vec_f64().unwrap();
     for d in [0usize, 1] {
         let g = groups(&vals, &shape, &[d]);
         let ctx = format!("dim {d}");
-        assert_close(&t.max(d as isize, false).unwrap().to_vec_f64().unwrap(), &g.iter().map(|g| ref_max(g, true)).collect::<Vec<_>>(), &ctx);
-        assert_close(&t.logsumexp(d as isize, false).unwrap().to_vec_f64().unwrap(), &g.iter().map(|g| ref_lse(g)).collect::<Vec<_>>(), &ctx);
-        assert_close(&t.var(&[d as isize], 1, false).unwrap().to_vec_f64().unwrap(), &g.iter().map(|g| ref_var(g, 1)).collect::<Vec<_>>(), &ctx);
+        assert_close(
+            &t.max(d as isize, false).unwrap().to_vec_f64().unwrap(),
+            &g.iter().map(|g| ref_max(g, true)).collect::<Vec<_>>(),
+            &ctx,
+        );
+        assert_close(
+            &t.logsumexp(d as isize, false)
+                .unwrap()
+                .to_vec_f64()
+                .unwrap(),
+            &g.iter().map(|g| ref_lse(g)).collect::<Vec<_>>(),
+            &ctx,
+        );
+        assert_close(
+            &t.var(&[d as isize], 1, false)
+                .unwrap()
+                .to_vec_f64()
+                .unwrap(),
+            &g.iter().map(|g| ref_var(g, 1)).collect::<Vec<_>>(),
+            &ctx,
+        );
         let am: Vec<i64> = g.iter().map(|g| ref_argmax(g, true)).collect();
-        assert_eq!(t.argmax(d as isize, false).unwrap().to_vec::<i64>().unwrap(), am, "{ctx}");
+        assert_eq!(
+            t.argmax(d as isize, false)
+                .unwrap()
+                .to_vec::<i64>()
+                .unwrap(),
+            am,
+            "{ctx}"
+        );
     }
     let cs = t.cumsum(0).unwrap().to_vec_f64().unwrap();
     let mut acc = vec![0f64; 1031];
@@ -333,10 +396,17 @@ fn max_gradient_is_split_among_ties() {
     let g = loss.backward().unwrap();
     let gx = g.get_var(&v).unwrap().to_vec::<f64>().unwrap();
     let third = 1.0 / 3.0;
-    assert_close(&gx, &[0.0, 0.5, 0.5, 0.0, third, third, third, 0.0], "max tie gradient");
+    assert_close(
+        &gx,
+        &[0.0, 0.5, 0.5, 0.0, third, third, third, 0.0],
+        "max tie gradient",
+    );
     let loss = v.as_tensor().min_dims(&[], false).unwrap();
     let g = loss.backward().unwrap();
-    assert_eq!(g.get_var(&v).unwrap().to_vec::<f64>().unwrap(), vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
+    assert_eq!(
+        g.get_var(&v).unwrap().to_vec::<f64>().unwrap(),
+        vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    );
 }
 
 #[test]
@@ -352,12 +422,35 @@ fn nan_propagates_through_max_and_wins_argmax() {
 fn empty_reductions_follow_pytorch() {
     let t = Tensor::zeros(&[3, 0], DType::F32, Device::Cpu).unwrap();
     assert_eq!(t.sum(1, false).unwrap().to_vec_f64().unwrap(), vec![0.0; 3]);
-    assert!(t.mean(1, false).unwrap().to_vec_f64().unwrap().iter().all(|x| x.is_nan()));
-    assert!(t.var(&[1], 1, false).unwrap().to_vec_f64().unwrap().iter().all(|x| x.is_nan()));
-    assert_eq!(t.logsumexp(1, false).unwrap().to_vec_f64().unwrap(), vec![f64::NEG_INFINITY; 3]);
+    assert!(
+        t.mean(1, false)
+            .unwrap()
+            .to_vec_f64()
+            .unwrap()
+            .iter()
+            .all(|x| x.is_nan())
+    );
+    assert!(
+        t.var(&[1], 1, false)
+            .unwrap()
+            .to_vec_f64()
+            .unwrap()
+            .iter()
+            .all(|x| x.is_nan())
+    );
+    assert_eq!(
+        t.logsumexp(1, false).unwrap().to_vec_f64().unwrap(),
+        vec![f64::NEG_INFINITY; 3]
+    );
     // reducing the non-empty dim of an empty tensor is fine and empty
     assert_eq!(t.max(0, false).unwrap().shape(), &[0]);
-    for (op, r) in [("max", t.max(1, false)), ("min", t.min(-1, true)), ("max", t.max_dims(&[], false)), ("argmax", t.argmax(1, false)), ("argmin", t.argmin(1, false))] {
+    for (op, r) in [
+        ("max", t.max(1, false)),
+        ("min", t.min(-1, true)),
+        ("max", t.max_dims(&[], false)),
+        ("argmax", t.argmax(1, false)),
+        ("argmin", t.argmin(1, false)),
+    ] {
         let e = r.expect_err("empty reduction must fail").to_string();
         assert!(e.contains(op) && e.contains("[3, 0]"), "{op}: {e}");
     }
@@ -383,7 +476,10 @@ fn reduction_errors_name_the_op() {
         assert!(e.contains(op), "{op}: {e}");
     }
     // integer max works and keeps the dtype
-    let m = Tensor::from_vec(vec![3i64, -7, 9, 2], &[2, 2]).unwrap().max(1, false).unwrap();
+    let m = Tensor::from_vec(vec![3i64, -7, 9, 2], &[2, 2])
+        .unwrap()
+        .max(1, false)
+        .unwrap();
     assert_eq!(m.to_vec::<i64>().unwrap(), vec![3, 9]);
 }
 
@@ -395,36 +491,74 @@ fn reduction_gradients_match_finite_differences() {
     let x = Tensor::from_vec(values(11, 24, 2.0), &[2, 3, 4]).unwrap();
     grad_check("max", &[x.clone()], &[true], |x| x[0].max(1, false));
     grad_check("min", &[x.clone()], &[true], |x| x[0].min(-1, true));
-    grad_check("max_dims", &[x.clone()], &[true], |x| x[0].max_dims(&[0, 2], false));
-    grad_check("min_dims_all", &[x.clone()], &[true], |x| x[0].min_dims(&[], false));
-    grad_check("var", &[x.clone()], &[true], |x| x[0].var(&[0, -1], 1, false));
-    grad_check("var_biased", &[x.clone()], &[true], |x| x[0].var(&[1], 0, true));
+    grad_check("max_dims", &[x.clone()], &[true], |x| {
+        x[0].max_dims(&[0, 2], false)
+    });
+    grad_check("min_dims_all", &[x.clone()], &[true], |x| {
+        x[0].min_dims(&[], false)
+    });
+    grad_check("var", &[x.clone()], &[true], |x| {
+        x[0].var(&[0, -1], 1, false)
+    });
+    grad_check("var_biased", &[x.clone()], &[true], |x| {
+        x[0].var(&[1], 0, true)
+    });
     grad_check("std", &[x.clone()], &[true], |x| x[0].std(&[2], 1, false));
-    grad_check("std_all", &[x.clone()], &[true], |x| x[0].std(&[], 2, false));
-    grad_check("logsumexp", &[x.clone()], &[true], |x| x[0].logsumexp(1, false));
-    grad_check("logsumexp_last", &[x.clone()], &[true], |x| x[0].logsumexp(-1, true));
+    grad_check("std_all", &[x.clone()], &[true], |x| {
+        x[0].std(&[], 2, false)
+    });
+    grad_check("logsumexp", &[x.clone()], &[true], |x| {
+        x[0].logsumexp(1, false)
+    });
+    grad_check("logsumexp_last", &[x.clone()], &[true], |x| {
+        x[0].logsumexp(-1, true)
+    });
     grad_check("cumsum0", &[x.clone()], &[true], |x| x[0].cumsum(0));
     grad_check("cumsum_last", &[x.clone()], &[true], |x| x[0].cumsum(-1));
     // through a non-contiguous view
-    grad_check("cumsum_t", &[x.clone()], &[true], |x| x[0].transpose(0, 2)?.cumsum(1));
-    grad_check("max_t", &[x.clone()], &[true], |x| x[0].transpose(1, 2)?.max(-1, false));
+    grad_check("cumsum_t", &[x.clone()], &[true], |x| {
+        x[0].transpose(0, 2)?.cumsum(1)
+    });
+    grad_check("max_t", &[x.clone()], &[true], |x| {
+        x[0].transpose(1, 2)?.max(-1, false)
+    });
 }
 
 #[test]
 fn std_gradient_is_zero_for_constant_slices() {
     let x = Tensor::from_vec(vec![2.0f64; 6], &[2, 3]).unwrap();
     let v = mgm_tensor::Var::from_tensor(&x).unwrap();
-    let g = v.as_tensor().std(&[1], 1, false).unwrap().sum_all().unwrap().backward().unwrap();
-    assert_eq!(g.get_var(&v).unwrap().to_vec::<f64>().unwrap(), vec![0.0; 6]);
+    let g = v
+        .as_tensor()
+        .std(&[1], 1, false)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        g.get_var(&v).unwrap().to_vec::<f64>().unwrap(),
+        vec![0.0; 6]
+    );
 }
 
 #[test]
 fn logsumexp_gradient_of_all_neg_inf_slice_is_zero() {
-    let x = Tensor::from_vec(vec![f64::NEG_INFINITY, f64::NEG_INFINITY, 0.0, 1.0], &[2, 2]).unwrap();
+    let x = Tensor::from_vec(
+        vec![f64::NEG_INFINITY, f64::NEG_INFINITY, 0.0, 1.0],
+        &[2, 2],
+    )
+    .unwrap();
     let v = mgm_tensor::Var::from_tensor(&x).unwrap();
     let out = v.as_tensor().logsumexp(1, false).unwrap();
     assert_eq!(out.to_vec::<f64>().unwrap()[0], f64::NEG_INFINITY);
-    let g = out.mul(&Tensor::from_vec(vec![0.0f64, 1.0], &[2]).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = out
+        .mul(&Tensor::from_vec(vec![0.0f64, 1.0], &[2]).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let gx = g.get_var(&v).unwrap().to_vec::<f64>().unwrap();
     let e = 1f64.exp();
     assert_close(&gx, &[0.0, 0.0, 1.0 / (1.0 + e), e / (1.0 + e)], "lse grad");

@@ -12,7 +12,10 @@ use proptest::prelude::*;
 fn slices(shape: &[usize], d: usize) -> Vec<Vec<usize>> {
     let n: usize = shape.iter().product();
     let st = strides(shape);
-    (0..n).filter(|&i| unravel(i, shape)[d] == 0).map(|i| (0..shape[d]).map(|k| i + k * st[d]).collect()).collect()
+    (0..n)
+        .filter(|&i| unravel(i, shape)[d] == 0)
+        .map(|i| (0..shape[d]).map(|k| i + k * st[d]).collect())
+        .collect()
 }
 
 /// Softmax / log-softmax of one slice in f64; all -inf gives zeros / -inf (DESIGN.md section 3).
@@ -25,7 +28,15 @@ fn ref_softmax(x: &[f64], log: bool) -> Vec<f64> {
         return vec![if log { f64::NEG_INFINITY } else { 0.0 }; x.len()];
     }
     let s: f64 = x.iter().map(|v| (v - m).exp()).sum();
-    x.iter().map(|v| if log { v - m - s.ln() } else { (v - m).exp() / s }).collect()
+    x.iter()
+        .map(|v| {
+            if log {
+                v - m - s.ln()
+            } else {
+                (v - m).exp() / s
+            }
+        })
+        .collect()
 }
 
 /// LayerNorm / RMSNorm of one row in f64.
@@ -76,11 +87,20 @@ fn tol_of(dtype: DType) -> f64 {
 }
 
 fn float_dtype() -> impl Strategy<Value = DType> {
-    prop_oneof![Just(DType::F32), Just(DType::F32), Just(DType::F64), Just(DType::BF16), Just(DType::F16)]
+    prop_oneof![
+        Just(DType::F32),
+        Just(DType::F32),
+        Just(DType::F64),
+        Just(DType::BF16),
+        Just(DType::F16)
+    ]
 }
 
 fn cfg() -> ProptestConfig {
-    ProptestConfig { cases: 48, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -161,12 +181,25 @@ fn softmax_all_masked_row_is_zero() {
     assert_eq!(&l[..3], &[ninf, ninf, ninf]);
     assert!(l.iter().all(|v| !v.is_nan()));
     // same along a non-last dim
-    let s0 = x.t().unwrap().softmax(0).unwrap().t().unwrap().to_vec::<f32>().unwrap();
+    let s0 = x
+        .t()
+        .unwrap()
+        .softmax(0)
+        .unwrap()
+        .t()
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
     assert_eq!(s0, s);
     // gradients of a fully masked row are zero, never NaN
     let xv = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
     for log in [false, true] {
-        let y = if log { xv.as_tensor().log_softmax(1) } else { xv.as_tensor().softmax(1) }.unwrap();
+        let y = if log {
+            xv.as_tensor().log_softmax(1)
+        } else {
+            xv.as_tensor().softmax(1)
+        }
+        .unwrap();
         let gout = Tensor::from_vec(vec![1.0f64, 2.0, 3.0, 0.5, 0.0, 1.0], &[2, 3]).unwrap();
         let g = y.backward_with(&gout).unwrap();
         let gx = g.get_var(&xv).unwrap().to_vec::<f64>().unwrap();
@@ -177,8 +210,22 @@ fn softmax_all_masked_row_is_zero() {
 
 #[test]
 fn softmax_of_scalar_is_one() {
-    assert_eq!(Tensor::scalar(3.0f32).softmax(0).unwrap().to_vec::<f32>().unwrap(), vec![1.0]);
-    assert_eq!(Tensor::scalar(3.0f64).log_softmax(-1).unwrap().to_vec::<f64>().unwrap(), vec![0.0]);
+    assert_eq!(
+        Tensor::scalar(3.0f32)
+            .softmax(0)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap(),
+        vec![1.0]
+    );
+    assert_eq!(
+        Tensor::scalar(3.0f64)
+            .log_softmax(-1)
+            .unwrap()
+            .to_vec::<f64>()
+            .unwrap(),
+        vec![0.0]
+    );
 }
 
 #[test]
@@ -186,10 +233,20 @@ fn large_softmax_matches_reference() {
     // > 2^16 elements so the rayon paths run, rows not a multiple of the lane count
     for (shape, d) in [([67usize, 1031usize], 1usize), ([67, 1031], 0)] {
         let n = shape[0] * shape[1];
-        let x = Tensor::from_vec(values(5, n, 30.0), &shape).unwrap().to_dtype(DType::F32).unwrap();
+        let x = Tensor::from_vec(values(5, n, 30.0), &shape)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let vals = x.to_vec_f64().unwrap();
         for log in [false, true] {
-            let y = if log { x.log_softmax(d as isize) } else { x.softmax(d as isize) }.unwrap().to_vec_f64().unwrap();
+            let y = if log {
+                x.log_softmax(d as isize)
+            } else {
+                x.softmax(d as isize)
+            }
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
             let mut expected = vec![0.0; n];
             for s in slices(&shape, d) {
                 let r = ref_softmax(&s.iter().map(|&i| vals[i]).collect::<Vec<_>>(), log);
@@ -205,9 +262,13 @@ fn softmax_gradients_match_finite_differences() {
     let x = Tensor::from_vec(values(21, 24, 2.0), &[2, 3, 4]).unwrap();
     for d in [-1isize, 0, 1] {
         grad_check("softmax", &[x.clone()], &[true], |x| x[0].softmax(d));
-        grad_check("log_softmax", &[x.clone()], &[true], |x| x[0].log_softmax(d));
+        grad_check("log_softmax", &[x.clone()], &[true], |x| {
+            x[0].log_softmax(d)
+        });
     }
-    grad_check("softmax_view", &[x.clone()], &[true], |x| x[0].transpose(0, 2)?.softmax(-1));
+    grad_check("softmax_view", &[x.clone()], &[true], |x| {
+        x[0].transpose(0, 2)?.softmax(-1)
+    });
     // large rows exercise the lane loops of the backward kernels
     let big = Tensor::from_vec(values(22, 2 * 37, 2.0), &[2, 37]).unwrap();
     grad_check("softmax_37", &[big.clone()], &[true], |x| x[0].softmax(1));
@@ -218,7 +279,12 @@ fn softmax_gradients_match_finite_differences() {
 fn softmax_errors_name_the_op() {
     let i = Tensor::zeros(&[2, 3], DType::I64, Device::Cpu).unwrap();
     let f = Tensor::zeros(&[2, 3], DType::F32, Device::Cpu).unwrap();
-    for (op, r) in [("softmax", i.softmax(0)), ("log_softmax", i.log_softmax(0)), ("softmax", f.softmax(2)), ("log_softmax", f.log_softmax(-3))] {
+    for (op, r) in [
+        ("softmax", i.softmax(0)),
+        ("log_softmax", i.log_softmax(0)),
+        ("softmax", f.softmax(2)),
+        ("log_softmax", f.log_softmax(-3)),
+    ] {
         let e = r.expect_err("bad input must fail").to_string();
         assert!(e.contains(op), "{op}: {e}");
     }
@@ -280,19 +346,49 @@ proptest! {
 fn cross_entropy_gradient_matches_finite_differences() {
     let x = Tensor::from_vec(values(31, 20, 3.0), &[4, 5]).unwrap();
     let t = Tensor::from_vec(vec![2i64, -1, 4, 0], &[4]).unwrap();
-    grad_check("cross_entropy", &[x.clone(), t.clone()], &[true, false], |x| x[0].cross_entropy(&x[1], -1, 0.0));
-    grad_check("cross_entropy_ls", &[x.clone(), t.clone()], &[true, false], |x| x[0].cross_entropy(&x[1], -1, 0.25));
+    grad_check(
+        "cross_entropy",
+        &[x.clone(), t.clone()],
+        &[true, false],
+        |x| x[0].cross_entropy(&x[1], -1, 0.0),
+    );
+    grad_check(
+        "cross_entropy_ls",
+        &[x.clone(), t.clone()],
+        &[true, false],
+        |x| x[0].cross_entropy(&x[1], -1, 0.25),
+    );
     let t2 = Tensor::from_vec(vec![2i64, 1, 4, 0], &[4]).unwrap();
-    grad_check("cross_entropy_view", &[x.t().unwrap().contiguous().unwrap(), t2], &[true, false], |x| x[0].t()?.cross_entropy(&x[1], 2, 0.1));
+    grad_check(
+        "cross_entropy_view",
+        &[x.t().unwrap().contiguous().unwrap(), t2],
+        &[true, false],
+        |x| x[0].t()?.cross_entropy(&x[1], 2, 0.1),
+    );
 }
 
 #[test]
 fn cross_entropy_large_matches_reference() {
     let (rows, classes) = (40usize, 1700usize);
-    let x = Tensor::from_vec(values(41, rows * classes, 10.0), &[rows, classes]).unwrap().to_dtype(DType::F32).unwrap();
-    let tv: Vec<i64> = (0..rows).map(|i| if i % 5 == 0 { -100 } else { (i * 37 % classes) as i64 }).collect();
+    let x = Tensor::from_vec(values(41, rows * classes, 10.0), &[rows, classes])
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let tv: Vec<i64> = (0..rows)
+        .map(|i| {
+            if i % 5 == 0 {
+                -100
+            } else {
+                (i * 37 % classes) as i64
+            }
+        })
+        .collect();
     let t = Tensor::from_vec(tv.clone(), &[rows]).unwrap();
-    let loss = x.cross_entropy(&t, -100, 0.1).unwrap().to_scalar_f64().unwrap();
+    let loss = x
+        .cross_entropy(&t, -100, 0.1)
+        .unwrap()
+        .to_scalar_f64()
+        .unwrap();
     let expected = ref_cross_entropy(&x.to_vec_f64().unwrap(), classes, &tv, -100, 0.1);
     assert_close(&[loss], &[expected], "cross_entropy large");
 }
@@ -301,22 +397,47 @@ fn cross_entropy_large_matches_reference() {
 fn cross_entropy_all_ignored_is_nan() {
     let x = Tensor::zeros(&[2, 3], DType::F32, Device::Cpu).unwrap();
     let t = Tensor::from_vec(vec![-100i64, -100], &[2]).unwrap();
-    assert!(x.cross_entropy(&t, -100, 0.0).unwrap().to_scalar_f64().unwrap().is_nan());
+    assert!(
+        x.cross_entropy(&t, -100, 0.0)
+            .unwrap()
+            .to_scalar_f64()
+            .unwrap()
+            .is_nan()
+    );
 }
 
 #[test]
 fn cross_entropy_errors_name_the_problem() {
     let x = Tensor::zeros(&[2, 3], DType::F32, Device::Cpu).unwrap();
-    let bad_index = x.cross_entropy(&Tensor::from_vec(vec![0i64, 3], &[2]).unwrap(), -100, 0.0).unwrap_err().to_string();
-    assert!(bad_index.contains("cross_entropy") && bad_index.contains("target 3"), "{bad_index}");
-    let negative = x.cross_entropy(&Tensor::from_vec(vec![-2i64, 0], &[2]).unwrap(), -100, 0.0).unwrap_err().to_string();
+    let bad_index = x
+        .cross_entropy(&Tensor::from_vec(vec![0i64, 3], &[2]).unwrap(), -100, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        bad_index.contains("cross_entropy") && bad_index.contains("target 3"),
+        "{bad_index}"
+    );
+    let negative = x
+        .cross_entropy(&Tensor::from_vec(vec![-2i64, 0], &[2]).unwrap(), -100, 0.0)
+        .unwrap_err()
+        .to_string();
     assert!(negative.contains("target -2"), "{negative}");
     let cases = [
         x.cross_entropy(&Tensor::from_vec(vec![0u32, 1], &[2]).unwrap(), -100, 0.0),
-        x.cross_entropy(&Tensor::from_vec(vec![0i64, 1, 2], &[3]).unwrap(), -100, 0.0),
-        x.reshape(&[6]).unwrap().cross_entropy(&Tensor::from_vec(vec![0i64], &[1]).unwrap(), -100, 0.0),
+        x.cross_entropy(
+            &Tensor::from_vec(vec![0i64, 1, 2], &[3]).unwrap(),
+            -100,
+            0.0,
+        ),
+        x.reshape(&[6]).unwrap().cross_entropy(
+            &Tensor::from_vec(vec![0i64], &[1]).unwrap(),
+            -100,
+            0.0,
+        ),
         x.cross_entropy(&Tensor::from_vec(vec![0i64, 1], &[2]).unwrap(), -100, 1.5),
-        Tensor::zeros(&[2, 3], DType::I64, Device::Cpu).unwrap().cross_entropy(&Tensor::from_vec(vec![0i64, 1], &[2]).unwrap(), -100, 0.0),
+        Tensor::zeros(&[2, 3], DType::I64, Device::Cpu)
+            .unwrap()
+            .cross_entropy(&Tensor::from_vec(vec![0i64, 1], &[2]).unwrap(), -100, 0.0),
     ];
     for r in cases {
         let e = r.expect_err("bad input must fail").to_string();
@@ -377,37 +498,78 @@ fn norm_gradients_of_views_and_wide_rows() {
     let x = Tensor::from_vec(values(51, 3 * 37, 2.0), &[37, 3]).unwrap();
     let w = Tensor::from_vec(values(52, 37, 1.5), &[37]).unwrap();
     let b = Tensor::from_vec(values(53, 37, 1.0), &[37]).unwrap();
-    grad_check("layer_norm_t", &[x.clone(), w.clone(), b.clone()], &[true, true, true], |t| {
-        t[0].t()?.layer_norm(Some(&t[1]), Some(&t[2]), 1e-5)
+    grad_check(
+        "layer_norm_t",
+        &[x.clone(), w.clone(), b.clone()],
+        &[true, true, true],
+        |t| t[0].t()?.layer_norm(Some(&t[1]), Some(&t[2]), 1e-5),
+    );
+    grad_check("rms_norm_t", &[x, w], &[true, true], |t| {
+        t[0].t()?.rms_norm(Some(&t[1]), 1e-6)
     });
-    grad_check("rms_norm_t", &[x, w], &[true, true], |t| t[0].t()?.rms_norm(Some(&t[1]), 1e-6));
 }
 
 #[test]
 fn large_norms_match_reference_forward_and_backward() {
     // > 2^16 elements: the rayon paths, with per-task dweight/dbias partials
     let (rows, c) = (65usize, 1031usize);
-    let x = Tensor::from_vec(values(61, rows * c, 3.0).iter().map(|v| v + 50.0).collect(), &[rows, c]).unwrap();
+    let x = Tensor::from_vec(
+        values(61, rows * c, 3.0).iter().map(|v| v + 50.0).collect(),
+        &[rows, c],
+    )
+    .unwrap();
     let w = Tensor::from_vec(values(62, c, 1.5), &[c]).unwrap();
     let b = Tensor::from_vec(values(63, c, 1.0), &[c]).unwrap();
     let g = Tensor::from_vec(values(64, rows * c, 1.0), &[rows, c]).unwrap();
-    let (xs, ws, gs) = (x.to_vec::<f64>().unwrap(), w.to_vec::<f64>().unwrap(), g.to_vec::<f64>().unwrap());
+    let (xs, ws, gs) = (
+        x.to_vec::<f64>().unwrap(),
+        w.to_vec::<f64>().unwrap(),
+        g.to_vec::<f64>().unwrap(),
+    );
     for rms in [false, true] {
         // f32 forward vs the f64 reference
-        let (x32, w32, b32) = (x.to_dtype(DType::F32).unwrap(), w.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
-        let y = if rms { x32.rms_norm(Some(&w32), 1e-5) } else { x32.layer_norm(Some(&w32), Some(&b32), 1e-5) }.unwrap();
-        let (x32s, w32s, b32s) = (x32.to_vec_f64().unwrap(), w32.to_vec_f64().unwrap(), b32.to_vec_f64().unwrap());
+        let (x32, w32, b32) = (
+            x.to_dtype(DType::F32).unwrap(),
+            w.to_dtype(DType::F32).unwrap(),
+            b.to_dtype(DType::F32).unwrap(),
+        );
+        let y = if rms {
+            x32.rms_norm(Some(&w32), 1e-5)
+        } else {
+            x32.layer_norm(Some(&w32), Some(&b32), 1e-5)
+        }
+        .unwrap();
+        let (x32s, w32s, b32s) = (
+            x32.to_vec_f64().unwrap(),
+            w32.to_vec_f64().unwrap(),
+            b32.to_vec_f64().unwrap(),
+        );
         let mut expected = Vec::new();
         for row in x32s.chunks(c) {
-            expected.extend(ref_norm(row, Some(&w32s), (!rms).then_some(&b32s[..]), 1e-5, rms));
+            expected.extend(ref_norm(
+                row,
+                Some(&w32s),
+                (!rms).then_some(&b32s[..]),
+                1e-5,
+                rms,
+            ));
         }
-        assert_close(&y.to_vec_f64().unwrap(), &expected, &format!("forward rms={rms}"));
+        assert_close(
+            &y.to_vec_f64().unwrap(),
+            &expected,
+            &format!("forward rms={rms}"),
+        );
         // f64 backward vs analytic formulas written out here
-        let (xv, wv, bv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+        let (xv, wv, bv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&w).unwrap(),
+            Var::from_tensor(&b).unwrap(),
+        );
         let y = if rms {
             xv.as_tensor().rms_norm(Some(&wv.as_tensor()), 1e-5)
         } else {
-            xv.as_tensor().layer_norm(Some(&wv.as_tensor()), Some(&bv.as_tensor()), 1e-5)
+            xv.as_tensor()
+                .layer_norm(Some(&wv.as_tensor()), Some(&bv.as_tensor()), 1e-5)
         }
         .unwrap();
         let grads = y.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -415,12 +577,20 @@ fn large_norms_match_reference_forward_and_backward() {
         for r in 0..rows {
             let xr = &xs[r * c..(r + 1) * c];
             let gr = &gs[r * c..(r + 1) * c];
-            let mean = if rms { 0.0 } else { xr.iter().sum::<f64>() / c as f64 };
+            let mean = if rms {
+                0.0
+            } else {
+                xr.iter().sum::<f64>() / c as f64
+            };
             let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / c as f64;
             let rstd = 1.0 / (var + 1e-5).sqrt();
             let xhat: Vec<f64> = xr.iter().map(|v| (v - mean) * rstd).collect();
             let gy: Vec<f64> = gr.iter().zip(&ws).map(|(g, w)| g * w).collect();
-            let a = if rms { 0.0 } else { gy.iter().sum::<f64>() / c as f64 };
+            let a = if rms {
+                0.0
+            } else {
+                gy.iter().sum::<f64>() / c as f64
+            };
             let m2 = gy.iter().zip(&xhat).map(|(g, h)| g * h).sum::<f64>() / c as f64;
             for k in 0..c {
                 edx[r * c + k] = rstd * (gy[k] - a - xhat[k] * m2);
@@ -428,10 +598,22 @@ fn large_norms_match_reference_forward_and_backward() {
                 edb[k] += gr[k];
             }
         }
-        assert_close(&grads.get_var(&xv).unwrap().to_vec::<f64>().unwrap(), &edx, "dx");
-        assert_close(&grads.get_var(&wv).unwrap().to_vec::<f64>().unwrap(), &edw, "dw");
+        assert_close(
+            &grads.get_var(&xv).unwrap().to_vec::<f64>().unwrap(),
+            &edx,
+            "dx",
+        );
+        assert_close(
+            &grads.get_var(&wv).unwrap().to_vec::<f64>().unwrap(),
+            &edw,
+            "dw",
+        );
         if !rms {
-            assert_close(&grads.get_var(&bv).unwrap().to_vec::<f64>().unwrap(), &edb, "db");
+            assert_close(
+                &grads.get_var(&bv).unwrap().to_vec::<f64>().unwrap(),
+                &edb,
+                "db",
+            );
         }
     }
 }
@@ -444,8 +626,18 @@ fn norms_of_empty_tensors() {
     assert_eq!(x.rms_norm(Some(&w), 1e-5).unwrap().shape(), &[0, 4]);
     let xv = Var::from_tensor(&x).unwrap();
     let wv = Var::from_tensor(&w).unwrap();
-    let g = xv.as_tensor().layer_norm(Some(&wv.as_tensor()), None, 1e-5).unwrap().sum_all().unwrap().backward().unwrap();
-    assert_eq!(g.get_var(&wv).unwrap().to_vec::<f32>().unwrap(), vec![0.0; 4]);
+    let g = xv
+        .as_tensor()
+        .layer_norm(Some(&wv.as_tensor()), None, 1e-5)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        g.get_var(&wv).unwrap().to_vec::<f32>().unwrap(),
+        vec![0.0; 4]
+    );
 }
 
 #[test]
@@ -455,16 +647,29 @@ fn norm_errors_name_the_op_and_shapes() {
     let w4d = Tensor::ones(&[4], DType::F64, Device::Cpu).unwrap();
     let w2d = Tensor::ones(&[1, 4], DType::F32, Device::Cpu).unwrap();
     let e = x.layer_norm(Some(&w3), None, 1e-5).unwrap_err().to_string();
-    assert!(e.contains("layer_norm") && e.contains("[2, 4]") && e.contains("[3]"), "{e}");
+    assert!(
+        e.contains("layer_norm") && e.contains("[2, 4]") && e.contains("[3]"),
+        "{e}"
+    );
     let e = x.rms_norm(Some(&w2d), 1e-5).unwrap_err().to_string();
     assert!(e.contains("rms_norm") && e.contains("[1, 4]"), "{e}");
     let e = x.layer_norm(None, Some(&w3), 1e-5).unwrap_err().to_string();
     assert!(e.contains("layer_norm") && e.contains("bias"), "{e}");
-    let e = x.layer_norm(Some(&w4d), None, 1e-5).unwrap_err().to_string();
+    let e = x
+        .layer_norm(Some(&w4d), None, 1e-5)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("layer_norm"), "{e}");
-    let e = Tensor::scalar(1.0f32).rms_norm(None, 1e-5).unwrap_err().to_string();
+    let e = Tensor::scalar(1.0f32)
+        .rms_norm(None, 1e-5)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("rms_norm"), "{e}");
-    let e = Tensor::zeros(&[2, 4], DType::I64, Device::Cpu).unwrap().layer_norm(None, None, 1e-5).unwrap_err().to_string();
+    let e = Tensor::zeros(&[2, 4], DType::I64, Device::Cpu)
+        .unwrap()
+        .layer_norm(None, None, 1e-5)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("layer_norm"), "{e}");
     let e = x.layer_norm(None, None, -1.0).unwrap_err().to_string();
     assert!(e.contains("layer_norm") && e.contains("eps"), "{e}");

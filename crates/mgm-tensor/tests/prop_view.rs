@@ -140,8 +140,13 @@ fn squeeze_unsqueeze_stack() {
     assert!(x.squeeze(0).unwrap_err().to_string().contains("squeeze"));
     let s = Tensor::stack(&[x.clone(), x.clone()], 1).unwrap();
     assert_eq!(s.shape(), &[2, 2, 1, 3]);
-    assert_eq!(s.get(1, 1).unwrap().to_vec_f64().unwrap(), x.to_vec_f64().unwrap());
-    let e = Tensor::stack(&[x.clone(), x.reshape(&[3, 2]).unwrap()], 0).unwrap_err().to_string();
+    assert_eq!(
+        s.get(1, 1).unwrap().to_vec_f64().unwrap(),
+        x.to_vec_f64().unwrap()
+    );
+    let e = Tensor::stack(&[x.clone(), x.reshape(&[3, 2]).unwrap()], 0)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("stack"), "{e}");
 }
 
@@ -149,17 +154,31 @@ fn squeeze_unsqueeze_stack() {
 fn view_gradients_match_finite_differences() {
     let x = Tensor::from_vec(values(5, 24, 1.0), &[2, 3, 4]).unwrap();
     let y = Tensor::from_vec(values(6, 8, 1.0), &[2, 1, 4]).unwrap();
-    grad_check("permute", &[x.clone()], &[true], |v| v[0].permute(&[2, 0, 1])?.contiguous()?.sqr());
-    grad_check("reshape", &[x.clone()], &[true], |v| v[0].t()?.reshape(&[6, 4])?.sin());
-    grad_check("narrow", &[x.clone()], &[true], |v| v[0].narrow(1, 1, 2)?.exp());
-    grad_check("broadcast", &[y.clone()], &[true], |v| v[0].broadcast_as(&[3, 2, 3, 4])?.sqr());
-    grad_check("cat", &[x.clone(), y.clone()], &[true, true], |v| Tensor::cat(&[v[0].clone(), v[1].clone()], 1)?.sqr());
-    grad_check("stack+unsqueeze", &[y.clone()], &[true], |v| Tensor::stack(&[v[0].clone(), v[0].sqr()?], 0)?.squeeze(2));
+    grad_check("permute", &[x.clone()], &[true], |v| {
+        v[0].permute(&[2, 0, 1])?.contiguous()?.sqr()
+    });
+    grad_check("reshape", &[x.clone()], &[true], |v| {
+        v[0].t()?.reshape(&[6, 4])?.sin()
+    });
+    grad_check("narrow", &[x.clone()], &[true], |v| {
+        v[0].narrow(1, 1, 2)?.exp()
+    });
+    grad_check("broadcast", &[y.clone()], &[true], |v| {
+        v[0].broadcast_as(&[3, 2, 3, 4])?.sqr()
+    });
+    grad_check("cat", &[x.clone(), y.clone()], &[true, true], |v| {
+        Tensor::cat(&[v[0].clone(), v[1].clone()], 1)?.sqr()
+    });
+    grad_check("stack+unsqueeze", &[y.clone()], &[true], |v| {
+        Tensor::stack(&[v[0].clone(), v[0].sqr()?], 0)?.squeeze(2)
+    });
     grad_check("chunk", &[x.clone()], &[true], |v| {
         let c = v[0].chunk(2, 2)?;
         c[0].mul(&c[1])
     });
-    grad_check("sum/mean", &[x.clone()], &[true], |v| v[0].sum_dims(&[0, 2], true)?.mul(&v[0].mean(1, true)?));
+    grad_check("sum/mean", &[x.clone()], &[true], |v| {
+        v[0].sum_dims(&[0, 2], true)?.mul(&v[0].mean(1, true)?)
+    });
 }
 
 #[test]
@@ -168,7 +187,10 @@ fn cast_backward_casts_the_gradient_back() {
     let w = Var::from_tensor(&Tensor::from_vec(vec![0.1f64, 0.2, 0.3], &[3]).unwrap()).unwrap();
     let y = w.as_tensor().to_dtype(DType::BF16).unwrap();
     assert!(y.is_tracked());
-    let g = Tensor::from_vec(vec![1.5f32, -2.0, 0.25], &[3]).unwrap().to_dtype(DType::BF16).unwrap();
+    let g = Tensor::from_vec(vec![1.5f32, -2.0, 0.25], &[3])
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
     let grads = y.backward_with(&g).unwrap();
     let gw = grads.get_var(&w).unwrap();
     assert_eq!(gw.dtype(), DType::F64);
@@ -180,15 +202,32 @@ fn gradients_accumulate_until_zeroed() {
     let w = Var::from_tensor(&Tensor::from_vec(vec![1f32, -2.0, 3.0], &[3]).unwrap()).unwrap();
     let loss = || w.as_tensor().sqr().unwrap().sum_all().unwrap();
     let g1 = loss().backward().unwrap();
-    assert_eq!(g1.get_var(&w).unwrap().to_vec::<f32>().unwrap(), vec![2.0, -4.0, 6.0]);
+    assert_eq!(
+        g1.get_var(&w).unwrap().to_vec::<f32>().unwrap(),
+        vec![2.0, -4.0, 6.0]
+    );
     loss().backward().unwrap();
-    assert_eq!(w.grad().unwrap().to_vec::<f32>().unwrap(), vec![4.0, -8.0, 12.0], "two passes add up");
+    assert_eq!(
+        w.grad().unwrap().to_vec::<f32>().unwrap(),
+        vec![4.0, -8.0, 12.0],
+        "two passes add up"
+    );
     w.zero_grad();
     assert!(w.grad().is_none());
     // a Var used twice in one graph gets both contributions
     let t = w.as_tensor();
-    t.mul(&t).unwrap().add(&t).unwrap().sum_all().unwrap().backward().unwrap();
-    assert_eq!(w.grad().unwrap().to_vec::<f32>().unwrap(), vec![3.0, -3.0, 7.0]);
+    t.mul(&t)
+        .unwrap()
+        .add(&t)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(
+        w.grad().unwrap().to_vec::<f32>().unwrap(),
+        vec![3.0, -3.0, 7.0]
+    );
 }
 
 #[test]
@@ -196,7 +235,14 @@ fn no_grad_and_detach_stop_recording() {
     let w = Var::from_tensor(&Tensor::from_vec(vec![1f64, 2.0], &[2]).unwrap()).unwrap();
     let y = no_grad(|| w.as_tensor().exp().unwrap());
     assert!(!y.is_tracked());
-    assert!(y.sum_all().unwrap().backward().unwrap_err().to_string().contains("does not depend"));
+    assert!(
+        y.sum_all()
+            .unwrap()
+            .backward()
+            .unwrap_err()
+            .to_string()
+            .contains("does not depend")
+    );
     let d = w.as_tensor().detach();
     assert!(!d.is_tracked());
     // gradients flow only through the tracked branch
@@ -209,13 +255,23 @@ fn no_grad_and_detach_stop_recording() {
 #[test]
 fn var_set_replaces_value_and_checks_shape() {
     let w = Var::zeros(&[2, 2], DType::F32, Device::Cpu).unwrap();
-    w.set(&Tensor::ones(&[2, 2], DType::F32, Device::Cpu).unwrap()).unwrap();
+    w.set(&Tensor::ones(&[2, 2], DType::F32, Device::Cpu).unwrap())
+        .unwrap();
     assert_eq!(w.as_tensor().to_vec::<f32>().unwrap(), vec![1.0; 4]);
     let loss = w.as_tensor().sum_all().unwrap();
     let g = loss.backward().unwrap();
-    assert!(g.get_var(&w).is_some(), "gradients still map to the Var after set");
-    let e = w.set(&Tensor::ones(&[4], DType::F32, Device::Cpu).unwrap()).unwrap_err().to_string();
-    assert!(e.contains("Var::set") && e.contains("[2, 2]") && e.contains("[4]"), "{e}");
+    assert!(
+        g.get_var(&w).is_some(),
+        "gradients still map to the Var after set"
+    );
+    let e = w
+        .set(&Tensor::ones(&[4], DType::F32, Device::Cpu).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("Var::set") && e.contains("[2, 2]") && e.contains("[4]"),
+        "{e}"
+    );
     assert!(Var::from_tensor(&Tensor::zeros(&[2], DType::I64, Device::Cpu).unwrap()).is_err());
 }
 
@@ -223,9 +279,19 @@ fn var_set_replaces_value_and_checks_shape() {
 fn backward_needs_a_scalar_or_a_gradient() {
     let w = Var::from_tensor(&Tensor::from_vec(vec![1f32, 2.0], &[2]).unwrap()).unwrap();
     let y = w.as_tensor().sqr().unwrap();
-    assert!(y.backward().unwrap_err().to_string().contains("one-element"));
-    let g = y.backward_with(&Tensor::from_vec(vec![1f32, 10.0], &[2]).unwrap()).unwrap();
-    assert_eq!(g.get_var(&w).unwrap().to_vec::<f32>().unwrap(), vec![2.0, 40.0]);
+    assert!(
+        y.backward()
+            .unwrap_err()
+            .to_string()
+            .contains("one-element")
+    );
+    let g = y
+        .backward_with(&Tensor::from_vec(vec![1f32, 10.0], &[2]).unwrap())
+        .unwrap();
+    assert_eq!(
+        g.get_var(&w).unwrap().to_vec::<f32>().unwrap(),
+        vec![2.0, 40.0]
+    );
 }
 
 #[test]
@@ -245,14 +311,32 @@ fn construction_helpers() {
     assert_eq!(a.to_vec::<i64>().unwrap(), vec![0, 2, 4]);
     let f = Tensor::full(2.5, &[2, 0, 3], DType::BF16, Device::Cpu).unwrap();
     assert_eq!(f.numel(), 0);
-    let r1 = Tensor::randn(7, &[1000], 1.0, 2.0, DType::F64, Device::Cpu).unwrap().to_vec::<f64>().unwrap();
-    let r2 = Tensor::randn(7, &[1000], 1.0, 2.0, DType::F64, Device::Cpu).unwrap().to_vec::<f64>().unwrap();
+    let r1 = Tensor::randn(7, &[1000], 1.0, 2.0, DType::F64, Device::Cpu)
+        .unwrap()
+        .to_vec::<f64>()
+        .unwrap();
+    let r2 = Tensor::randn(7, &[1000], 1.0, 2.0, DType::F64, Device::Cpu)
+        .unwrap()
+        .to_vec::<f64>()
+        .unwrap();
     assert_eq!(r1, r2, "seeded");
     let mean = r1.iter().sum::<f64>() / 1000.0;
     let var = r1.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 999.0;
-    assert!((mean - 1.0).abs() < 0.2 && (var.sqrt() - 2.0).abs() < 0.2, "mean {mean} std {}", var.sqrt());
-    let u = Tensor::rand_uniform(3, &[1000], -1.0, 1.0, DType::F32, Device::Cpu).unwrap().to_vec::<f32>().unwrap();
+    assert!(
+        (mean - 1.0).abs() < 0.2 && (var.sqrt() - 2.0).abs() < 0.2,
+        "mean {mean} std {}",
+        var.sqrt()
+    );
+    let u = Tensor::rand_uniform(3, &[1000], -1.0, 1.0, DType::F32, Device::Cpu)
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
     assert!(u.iter().all(|&v| (-1.0..1.0).contains(&v)));
-    assert!(Tensor::from_vec(vec![1f32; 5], &[2, 3]).unwrap_err().to_string().contains("[2, 3]"));
+    assert!(
+        Tensor::from_vec(vec![1f32; 5], &[2, 3])
+            .unwrap_err()
+            .to_string()
+            .contains("[2, 3]")
+    );
     assert!(Tensor::arange(0.0, 1.0, 0.0, DType::F32, Device::Cpu).is_err());
 }

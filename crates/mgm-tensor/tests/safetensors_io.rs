@@ -9,7 +9,15 @@ use mgm_tensor::safetensors::{SafeTensorsFile, load, save};
 use mgm_tensor::{DType, Device, Error, Tensor, Var};
 use proptest::prelude::*;
 
-const ALL: [DType; 7] = [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64, DType::U32, DType::U8];
+const ALL: [DType; 7] = [
+    DType::F32,
+    DType::F64,
+    DType::F16,
+    DType::BF16,
+    DType::I64,
+    DType::U32,
+    DType::U8,
+];
 
 /// Values that every dtype represents exactly (small non-negative integers and halves for floats).
 fn exact_values(seed: u64, n: usize, dtype: DType) -> Vec<f64> {
@@ -95,11 +103,19 @@ fn loaded_tensor_points_into_the_map() {
     let b = f.get("w").unwrap();
     assert!(a.cpu_storage().is_mapped());
     // Both reads alias the same mapped bytes: nothing was copied.
-    assert_eq!(a.storage_slice::<f32>().unwrap().as_ptr(), b.storage_slice::<f32>().unwrap().as_ptr());
+    assert_eq!(
+        a.storage_slice::<f32>().unwrap().as_ptr(),
+        b.storage_slice::<f32>().unwrap().as_ptr()
+    );
     assert_eq!(a.to_vec::<f32>().unwrap(), t.to_vec::<f32>().unwrap());
     // and views of it work as for any tensor
     assert_eq!(
-        a.t().unwrap().narrow(0, 1, 1).unwrap().to_vec::<f32>().unwrap(),
+        a.t()
+            .unwrap()
+            .narrow(0, 1, 1)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap(),
         vec![1., 9., 17., 25., 33., 41., 49., 57.]
     );
 }
@@ -108,9 +124,15 @@ fn loaded_tensor_points_into_the_map() {
 fn load_returns_every_tensor_and_saving_a_map_works() {
     let (_d, path) = tmp();
     let mut m = HashMap::new();
-    m.insert("a".to_string(), Tensor::from_vec(vec![1i64, -2, 3], &[3]).unwrap());
+    m.insert(
+        "a".to_string(),
+        Tensor::from_vec(vec![1i64, -2, 3], &[3]).unwrap(),
+    );
     m.insert("b.c".to_string(), Tensor::scalar(2.5f64));
-    m.insert("empty".to_string(), Tensor::zeros(&[0, 3], DType::BF16, Device::Cpu).unwrap());
+    m.insert(
+        "empty".to_string(),
+        Tensor::zeros(&[0, 3], DType::BF16, Device::Cpu).unwrap(),
+    );
     save(&path, &m).unwrap();
     let back = load(&path).unwrap();
     assert_eq!(back.len(), 3);
@@ -127,9 +149,15 @@ fn save_detaches_tracked_tensors_and_rejects_duplicates() {
     let v = Var::from_tensor(&Tensor::from_vec(vec![1f32, 2.], &[2]).unwrap()).unwrap();
     let y = v.as_tensor().mul_scalar(3.0).unwrap();
     save(&path, [("y", &y)]).unwrap();
-    assert_eq!(load(&path).unwrap()["y"].to_vec::<f32>().unwrap(), vec![3.0, 6.0]);
+    assert_eq!(
+        load(&path).unwrap()["y"].to_vec::<f32>().unwrap(),
+        vec![3.0, 6.0]
+    );
     let e = save(&path, [("y", &y), ("y", &y)]).unwrap_err().to_string();
-    assert!(e.contains("\"y\"") && e.contains("twice") && e.contains("t.safetensors"), "{e}");
+    assert!(
+        e.contains("\"y\"") && e.contains("twice") && e.contains("t.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -141,7 +169,10 @@ fn overwriting_a_mapped_file_keeps_old_tensors_valid() {
     let t2 = Tensor::from_vec(vec![2f32; 16], &[16]).unwrap();
     save(&path, [("w", &t2)]).unwrap();
     assert_eq!(old.to_vec::<f32>().unwrap(), vec![1f32; 1024]);
-    assert_eq!(load(&path).unwrap()["w"].to_vec::<f32>().unwrap(), vec![2f32; 16]);
+    assert_eq!(
+        load(&path).unwrap()["w"].to_vec::<f32>().unwrap(),
+        vec![2f32; 16]
+    );
 }
 
 #[test]
@@ -150,12 +181,14 @@ fn misaligned_tensor_is_copied_with_correct_values() {
     let x: [f32; 2] = [1.5, -2.25];
     let mut data = vec![7u8];
     data.extend_from_slice(bytemuck::cast_slice(&x));
-    let header =
-        r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}}"#;
+    let header = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}}"#;
     write_raw(&path, header, &data);
     let f = SafeTensorsFile::open(&path).unwrap();
     let b = f.get("b").unwrap();
-    assert!(!b.cpu_storage().is_mapped(), "an unaligned f32 window must be copied");
+    assert!(
+        !b.cpu_storage().is_mapped(),
+        "an unaligned f32 window must be copied"
+    );
     assert_eq!(b.to_vec::<f32>().unwrap(), x.to_vec());
     assert!(f.get("a").unwrap().cpu_storage().is_mapped());
     assert_eq!(f.get_vec::<u8>("a").unwrap(), vec![7]);
@@ -164,13 +197,26 @@ fn misaligned_tensor_is_copied_with_correct_values() {
 #[test]
 fn typed_access_error_names_the_tensor() {
     let (_d, path) = tmp();
-    save(&path, [("ids", &Tensor::from_vec(vec![1i64, 2], &[2]).unwrap())]).unwrap();
+    save(
+        &path,
+        [("ids", &Tensor::from_vec(vec![1i64, 2], &[2]).unwrap())],
+    )
+    .unwrap();
     let f = SafeTensorsFile::open(&path).unwrap();
     let e = f.get_typed::<f32>("ids").unwrap_err().to_string();
-    assert!(e.contains("\"ids\"") && e.contains("i64") && e.contains("f32") && e.contains("t.safetensors"), "{e}");
+    assert!(
+        e.contains("\"ids\"")
+            && e.contains("i64")
+            && e.contains("f32")
+            && e.contains("t.safetensors"),
+        "{e}"
+    );
     let e = f.get("nope").unwrap_err();
     assert!(matches!(e, Error::TensorNotFound { .. }));
-    assert!(e.to_string().contains("nope") && e.to_string().contains("t.safetensors"), "{e}");
+    assert!(
+        e.to_string().contains("nope") && e.to_string().contains("t.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -181,22 +227,38 @@ fn truncated_file_error_names_file_and_tensor() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
     let e = err_of(&path);
-    assert!(e.contains("t.safetensors") && e.contains("\"weight\"") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("t.safetensors") && e.contains("\"weight\"") && e.contains("truncated"),
+        "{e}"
+    );
     // cut inside the header, and below the length field
     std::fs::write(&path, &bytes[..20]).unwrap();
     let e = err_of(&path);
-    assert!(e.contains("t.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("t.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
     std::fs::write(&path, &bytes[..3]).unwrap();
     let e = err_of(&path);
-    assert!(e.contains("t.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("t.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
 }
 
 #[test]
 fn corrupt_header_errors_name_file_and_tensor() {
     let (_d, path) = tmp();
-    write_raw(&path, r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]"#, &[0; 8]);
+    write_raw(
+        &path,
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]"#,
+        &[0; 8],
+    );
     let e = err_of(&path);
-    assert!(e.contains("t.safetensors") && e.contains("invalid JSON"), "{e}");
+    assert!(
+        e.contains("t.safetensors") && e.contains("invalid JSON"),
+        "{e}"
+    );
 
     write_raw(
         &path,
@@ -212,21 +274,43 @@ fn corrupt_header_errors_name_file_and_tensor() {
         &[0; 12],
     );
     let e = err_of(&path);
-    assert!(e.contains("\"b\"") && e.contains("overlap") && e.contains("\"a\""), "{e}");
+    assert!(
+        e.contains("\"b\"") && e.contains("overlap") && e.contains("\"a\""),
+        "{e}"
+    );
 
-    write_raw(&path, r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]);
+    write_raw(
+        &path,
+        r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+        &[0; 8],
+    );
     let e = err_of(&path);
-    assert!(e.contains("\"a\"") && e.contains("size mismatch") && e.contains("[3]"), "{e}");
+    assert!(
+        e.contains("\"a\"") && e.contains("size mismatch") && e.contains("[3]"),
+        "{e}"
+    );
 
-    write_raw(&path, r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#, &[0; 8]);
+    write_raw(
+        &path,
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#,
+        &[0; 8],
+    );
     let e = err_of(&path);
     assert!(e.contains("\"a\"") && e.contains("t.safetensors"), "{e}");
 
-    write_raw(&path, r#"{"a":{"dtype":"F32","shape":[4611686018427387904, 8],"data_offsets":[0,8]}}"#, &[0; 8]);
+    write_raw(
+        &path,
+        r#"{"a":{"dtype":"F32","shape":[4611686018427387904, 8],"data_offsets":[0,8]}}"#,
+        &[0; 8],
+    );
     let e = err_of(&path);
     assert!(e.contains("\"a\"") && e.contains("overflow"), "{e}");
 
-    write_raw(&path, r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &[0; 9]);
+    write_raw(
+        &path,
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+        &[0; 9],
+    );
     let e = err_of(&path);
     assert!(e.contains("t.safetensors") && e.contains("trailing"), "{e}");
 
@@ -242,18 +326,31 @@ fn corrupt_header_errors_name_file_and_tensor() {
     bytes.extend_from_slice(b"{}");
     std::fs::write(&path, bytes).unwrap();
     let e = err_of(&path);
-    assert!(e.contains("t.safetensors") && e.contains("header length"), "{e}");
+    assert!(
+        e.contains("t.safetensors") && e.contains("header length"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unsupported_dtypes_are_named_with_the_supported_list() {
     let (_d, path) = tmp();
     for dt in ["BOOL", "I8", "F8_E4M3", "I32", "U64", "Q4_K"] {
-        write_raw(&path, &format!(r#"{{"mask":{{"dtype":"{dt}","shape":[4],"data_offsets":[0,4]}}}}"#), &[0; 4]);
+        write_raw(
+            &path,
+            &format!(r#"{{"mask":{{"dtype":"{dt}","shape":[4],"data_offsets":[0,4]}}}}"#),
+            &[0; 4],
+        );
         let e = SafeTensorsFile::open(&path).unwrap_err();
-        assert!(matches!(&e, Error::SafeTensors { tensor: Some(t), .. } if t == "mask"), "{dt}: {e:?}");
+        assert!(
+            matches!(&e, Error::SafeTensors { tensor: Some(t), .. } if t == "mask"),
+            "{dt}: {e:?}"
+        );
         let e = e.to_string();
-        assert!(e.contains("t.safetensors") && e.contains("\"mask\"") && e.contains(dt), "{dt}: {e}");
+        assert!(
+            e.contains("t.safetensors") && e.contains("\"mask\"") && e.contains(dt),
+            "{dt}: {e}"
+        );
         assert!(e.contains("F32, F64, F16, BF16, I64, U32, U8"), "{dt}: {e}");
     }
 }
@@ -299,7 +396,12 @@ fn corruption() -> impl Strategy<Value = Corruption> {
     prop_oneof![
         (0usize..400).prop_map(Corruption::Truncate),
         (0usize..400, any::<u8>()).prop_map(|(i, b)| Corruption::Flip(i, b)),
-        (0usize..400, prop::sample::select(vec!['0', '1', '9', ',', '[', ']', '{', '}', '"', '-', ' ', 'e', '.']))
+        (
+            0usize..400,
+            prop::sample::select(vec![
+                '0', '1', '9', ',', '[', ']', '{', '}', '"', '-', ' ', 'e', '.'
+            ])
+        )
             .prop_map(|(i, c)| Corruption::HeaderChar(i, c)),
         prop::collection::vec(any::<u8>(), 1..16).prop_map(Corruption::Append),
         prop_oneof![Just(0u64), Just(1), Just(u64::MAX), 0u64..600].prop_map(Corruption::HeaderLen),

@@ -11,9 +11,17 @@ const MIB: u64 = 1 << 20;
 
 /// A kB field (`VmHWM`, `VmRSS`) of /proc/self/status, in bytes.
 fn status_bytes(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status is readable on Linux");
-    let line = s.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("{field} not in /proc/self/status"));
-    let kb: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number of kB");
+    let s = std::fs::read_to_string("/proc/self/status")
+        .expect("/proc/self/status is readable on Linux");
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("{field} not in /proc/self/status"));
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("a number of kB");
     kb * 1024
 }
 
@@ -27,7 +35,10 @@ fn loading_1gib_file_does_not_copy_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.safetensors");
     {
-        let header = format!(r#"{{"big":{{"dtype":"F32","shape":[{NUMEL}],"data_offsets":[0,{}]}}}}"#, NUMEL * 4);
+        let header = format!(
+            r#"{{"big":{{"dtype":"F32","shape":[{NUMEL}],"data_offsets":[0,{}]}}}}"#,
+            NUMEL * 4
+        );
         let mut h = header.into_bytes();
         while h.len() % 8 != 0 {
             h.push(b' ');
@@ -44,7 +55,10 @@ fn loading_1gib_file_does_not_copy_it() {
         }
         f.flush().unwrap();
     }
-    assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, 8 + header_len(&path) + NUMEL * 4);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len() as usize,
+        8 + header_len(&path) + NUMEL * 4
+    );
 
     let hwm_before = status_bytes("VmHWM:");
     let rss_before = status_bytes("VmRSS:");
@@ -52,13 +66,24 @@ fn loading_1gib_file_does_not_copy_it() {
     let t = f.get("big").unwrap();
     assert_eq!(t.shape(), &[NUMEL]);
     assert!(t.cpu_storage().is_mapped());
-    for i in [0, 1, 12345, NUMEL / 2 - 1, NUMEL / 2, NUMEL / 2 + 7, NUMEL - 2, NUMEL - 1] {
+    for i in [
+        0,
+        1,
+        12345,
+        NUMEL / 2 - 1,
+        NUMEL / 2,
+        NUMEL / 2 + 7,
+        NUMEL - 2,
+        NUMEL - 1,
+    ] {
         let got = t.narrow(0, i, 1).unwrap().to_vec::<f32>().unwrap()[0];
         assert_eq!(got, value(i), "element {i}");
     }
     let hwm_after = status_bytes("VmHWM:");
     let rss_after = status_bytes("VmRSS:");
-    let grew = hwm_after.saturating_sub(hwm_before).max(rss_after.saturating_sub(rss_before));
+    let grew = hwm_after
+        .saturating_sub(hwm_before)
+        .max(rss_after.saturating_sub(rss_before));
     assert!(
         grew < 64 * MIB,
         "loading a 1 GiB file grew resident memory by {} MiB (peak {} -> {} MiB): the data was copied",

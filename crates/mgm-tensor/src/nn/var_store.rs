@@ -127,10 +127,10 @@ impl Source {
     fn get(&self, name: &str) -> Result<Tensor> {
         match self {
             Source::File(f) => f.get(name),
-            Source::Memory(m) => m
-                .get(name)
-                .cloned()
-                .ok_or_else(|| Error::TensorNotFound { name: name.to_string(), source_desc: self.desc() }),
+            Source::Memory(m) => m.get(name).cloned().ok_or_else(|| Error::TensorNotFound {
+                name: name.to_string(),
+                source_desc: self.desc(),
+            }),
         }
     }
 
@@ -161,7 +161,10 @@ impl Sources {
                     return Err(Error::SafeTensors {
                         path: s.desc(),
                         tensor: Some(n),
-                        msg: format!("the tensor is also in {}; shards must not overlap", list[j].desc()),
+                        msg: format!(
+                            "the tensor is also in {}; shards must not overlap",
+                            list[j].desc()
+                        ),
                     });
                 }
                 index.insert(n, i);
@@ -174,7 +177,11 @@ impl Sources {
         if self.list.is_empty() {
             return "<no checkpoint>".to_string();
         }
-        self.list.iter().map(Source::desc).collect::<Vec<_>>().join(", ")
+        self.list
+            .iter()
+            .map(Source::desc)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -218,7 +225,12 @@ pub struct VarStore {
 
 impl std::fmt::Debug for VarStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VarStore({}, prefix {:?})", self.inner.sources.desc(), self.prefix)
+        write!(
+            f,
+            "VarStore({}, prefix {:?})",
+            self.inner.sources.desc(),
+            self.prefix
+        )
     }
 }
 
@@ -254,7 +266,10 @@ impl VarStore {
     /// A store reading from safetensors files (several for a sharded checkpoint; a name present
     /// in two shards is an error). Tensors are memory-mapped, not copied.
     pub fn from_safetensors<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
-        let files = paths.iter().map(|p| SafeTensorsFile::open(p).map(Source::File)).collect::<Result<Vec<_>>>()?;
+        let files = paths
+            .iter()
+            .map(|p| SafeTensorsFile::open(p).map(Source::File))
+            .collect::<Result<Vec<_>>>()?;
         Self::from_sources(files)
     }
 
@@ -263,8 +278,15 @@ impl VarStore {
     pub fn from_safetensors_index(index: impl AsRef<Path>) -> Result<Self> {
         let index = index.as_ref();
         let desc = index.display().to_string();
-        let bad = |msg: String| Error::SafeTensors { path: desc.clone(), tensor: None, msg };
-        let text = std::fs::read_to_string(index).map_err(|source| Error::Io { path: desc.clone(), source })?;
+        let bad = |msg: String| Error::SafeTensors {
+            path: desc.clone(),
+            tensor: None,
+            msg,
+        };
+        let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+            path: desc.clone(),
+            source,
+        })?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| bad(format!("invalid index JSON ({e})")))?;
         let map = json
@@ -274,7 +296,9 @@ impl VarStore {
         let dir = index.parent().unwrap_or_else(|| Path::new("."));
         let mut files = BTreeSet::new();
         for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| bad(format!("weight_map entry {name:?} is not a file name")))?;
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("weight_map entry {name:?} is not a file name")))?;
             files.insert(file.to_string());
         }
         let paths: Vec<_> = files.iter().map(|f| dir.join(f)).collect();
@@ -283,7 +307,10 @@ impl VarStore {
             if !vs.inner.sources.index.contains_key(name) {
                 return Err(Error::TensorNotFound {
                     name: name.clone(),
-                    source_desc: format!("{} (listed in {desc})", dir.join(file.as_str().unwrap_or("")).display()),
+                    source_desc: format!(
+                        "{} (listed in {desc})",
+                        dir.join(file.as_str().unwrap_or("")).display()
+                    ),
                 });
             }
         }
@@ -298,7 +325,9 @@ impl VarStore {
     /// An empty trainable store: every parameter is created from its [`Init`], seeded from
     /// `seed` and the parameter's full name.
     pub fn new_trainable(seed: u64) -> Self {
-        Self::from_sources(Vec::new()).expect("no sources cannot overlap").trainable(seed)
+        Self::from_sources(Vec::new())
+            .expect("no sources cannot overlap")
+            .trainable(seed)
     }
 
     /// A trainable store over the same checkpoint: parameters become [`Var`]s initialised from
@@ -325,7 +354,11 @@ impl VarStore {
     /// tensors are left alone, as `model.to(dtype)` does). Trainable stores also create fresh
     /// parameters in this dtype (f32 when unset).
     pub fn with_dtype(&self, dtype: DType) -> Self {
-        VarStore { inner: self.inner.clone(), prefix: self.prefix.clone(), dtype: Some(dtype) }
+        VarStore {
+            inner: self.inner.clone(),
+            prefix: self.prefix.clone(),
+            dtype: Some(dtype),
+        }
     }
 
     /// The dtype parameters are converted to, if one was set.
@@ -336,7 +369,11 @@ impl VarStore {
     /// The handle for the names under `name` (`vs.pp("encoder").pp("layers.0")` reads
     /// `encoder.layers.0.*`).
     pub fn pp(&self, name: &str) -> Self {
-        VarStore { inner: self.inner.clone(), prefix: self.full_name(name), dtype: self.dtype }
+        VarStore {
+            inner: self.inner.clone(),
+            prefix: self.full_name(name),
+            dtype: self.dtype,
+        }
     }
 
     /// The prefix of this handle (empty at the root).
@@ -356,7 +393,8 @@ impl VarStore {
     /// True when the checkpoint has `name` (under this prefix) or a var of that name exists.
     pub fn contains(&self, name: &str) -> bool {
         let full = self.full_name(name);
-        self.inner.sources.index.contains_key(&full) || lock(&self.inner.state).var_index.contains_key(&full)
+        self.inner.sources.index.contains_key(&full)
+            || lock(&self.inner.state).var_index.contains_key(&full)
     }
 
     /// The shape of `name` in the checkpoint, without loading it.
@@ -400,7 +438,11 @@ impl VarStore {
         }
         lock(&self.inner.state).used.insert(full.to_string());
         let t = match dtype {
-            Some(d) if d != t.dtype() && (always_cast || (d.is_float() && t.dtype().is_float())) => t.to_dtype(d)?,
+            Some(d)
+                if d != t.dtype() && (always_cast || (d.is_float() && t.dtype().is_float())) =>
+            {
+                t.to_dtype(d)?
+            }
             _ => t,
         };
         Ok(Some(t))
@@ -408,7 +450,10 @@ impl VarStore {
 
     fn not_found(&self, full: &str) -> Error {
         lock(&self.inner.state).missing.insert(full.to_string());
-        Error::TensorNotFound { name: full.to_string(), source_desc: self.inner.sources.desc() }
+        Error::TensorNotFound {
+            name: full.to_string(),
+            source_desc: self.inner.sources.desc(),
+        }
     }
 
     /// The parameter `name` with the expected shape (an error names the parameter, both shapes
@@ -419,22 +464,28 @@ impl VarStore {
             return self.param(name, shape).map(|p| p.tensor());
         }
         let full = self.full_name(name);
-        self.load(&full, Some(shape), self.dtype, false)?.ok_or_else(|| self.not_found(&full))
+        self.load(&full, Some(shape), self.dtype, false)?
+            .ok_or_else(|| self.not_found(&full))
     }
 
     /// Like [`VarStore::get`], converted to `dtype` whatever the stored dtype (integers too).
     pub fn get_with_dtype(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         if self.is_trainable() {
-            return self.with_dtype(dtype).param(name, shape).map(|p| p.tensor());
+            return self
+                .with_dtype(dtype)
+                .param(name, shape)
+                .map(|p| p.tensor());
         }
         let full = self.full_name(name);
-        self.load(&full, Some(shape), Some(dtype), true)?.ok_or_else(|| self.not_found(&full))
+        self.load(&full, Some(shape), Some(dtype), true)?
+            .ok_or_else(|| self.not_found(&full))
     }
 
     /// The tensor `name` whatever its shape (buffers whose shape the caller reads from the file).
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
         let full = self.full_name(name);
-        self.load(&full, None, self.dtype, false)?.ok_or_else(|| self.not_found(&full))
+        self.load(&full, None, self.dtype, false)?
+            .ok_or_else(|| self.not_found(&full))
     }
 
     /// The parameter `name` as a layer holds it: frozen tensor, or in a trainable store the
@@ -495,7 +546,8 @@ impl VarStore {
                 name: full.to_string(),
                 expected: shape.to_vec(),
                 actual: var.shape(),
-                path: "<trainable VarStore: the var was created before with another shape>".to_string(),
+                path: "<trainable VarStore: the var was created before with another shape>"
+                    .to_string(),
             });
         }
         Ok(Some(var))
@@ -509,7 +561,10 @@ impl VarStore {
     /// Writes the current value of every var to a safetensors file.
     pub fn save_vars(&self, path: impl AsRef<Path>) -> Result<()> {
         let vars = self.all_vars();
-        let tensors: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+        let tensors: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
         crate::safetensors::save(path, tensors.iter().map(|(n, t)| (n.as_str(), t)))
     }
 
@@ -521,7 +576,14 @@ impl VarStore {
     /// Names the checkpoint holds that nothing has loaded so far, sorted.
     pub fn unused(&self) -> Vec<String> {
         let st = lock(&self.inner.state);
-        let mut v: Vec<String> = self.inner.sources.index.keys().filter(|n| !st.used.contains(*n)).cloned().collect();
+        let mut v: Vec<String> = self
+            .inner
+            .sources
+            .index
+            .keys()
+            .filter(|n| !st.used.contains(*n))
+            .cloned()
+            .collect();
         v.sort();
         v
     }
@@ -555,7 +617,11 @@ impl VarStore {
         if missing.is_empty() && unexpected.is_empty() {
             return Ok(());
         }
-        Err(Error::MissingOrUnexpected { path: self.inner.sources.desc(), missing, unexpected })
+        Err(Error::MissingOrUnexpected {
+            path: self.inner.sources.desc(),
+            missing,
+            unexpected,
+        })
     }
 }
 
@@ -565,11 +631,16 @@ mod tests {
 
     #[test]
     fn kaiming_uniform_bound_matches_torch_linear() {
-        let t = Init::KaimingUniform.tensor(&[50, 16], DType::F64, 3).unwrap();
+        let t = Init::KaimingUniform
+            .tensor(&[50, 16], DType::F64, 3)
+            .unwrap();
         let v = t.to_vec::<f64>().unwrap();
         let bound = 0.25;
         assert!(v.iter().all(|x| x.abs() <= bound));
-        assert!(v.iter().any(|x| x.abs() > 0.8 * bound), "samples should fill the range");
+        assert!(
+            v.iter().any(|x| x.abs() > 0.8 * bound),
+            "samples should fill the range"
+        );
     }
 
     #[test]

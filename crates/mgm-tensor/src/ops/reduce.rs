@@ -5,7 +5,9 @@ use rayon::prelude::*;
 
 use crate::autograd::{Backward, attach};
 use crate::ops::norm::sq_dev_f64;
-use crate::ops::softmax::{Elem, PAR_ELEMS, has_avx2, resolve_dim_scalar_ok, row_lse, row_lse_avx2, simd_call, sum_f64};
+use crate::ops::softmax::{
+    Elem, PAR_ELEMS, has_avx2, resolve_dim_scalar_ok, row_lse, row_lse_avx2, simd_call, sum_f64,
+};
 use crate::ops::view::with_dtype;
 use crate::shape::resolve_dims;
 use crate::tensor::with_float;
@@ -37,21 +39,40 @@ impl ReducePlan {
         let kept: Vec<usize> = (0..t.rank()).filter(|d| !dims.contains(d)).collect();
         let order: Vec<usize> = kept.iter().chain(dims.iter()).copied().collect();
         let moved = crate::autograd::no_grad(|| t.permute(&order)?.contiguous())?.detach();
-        let keep_shape: Vec<usize> =
-            t.shape().iter().enumerate().map(|(i, &s)| if dims.contains(&i) { 1 } else { s }).collect();
+        let keep_shape: Vec<usize> = t
+            .shape()
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| if dims.contains(&i) { 1 } else { s })
+            .collect();
         let drop_shape: Vec<usize> = kept.iter().map(|&d| t.shape()[d]).collect();
         let run = dims.iter().map(|&d| t.shape()[d]).product();
-        Ok(ReducePlan { moved, keep_shape, drop_shape, run, dims })
+        Ok(ReducePlan {
+            moved,
+            keep_shape,
+            drop_shape,
+            run,
+            dims,
+        })
     }
 
     /// The output shape for `keepdim`.
     pub(crate) fn out_shape(&self, keepdim: bool) -> &[usize] {
-        if keepdim { &self.keep_shape } else { &self.drop_shape }
+        if keepdim {
+            &self.keep_shape
+        } else {
+            &self.drop_shape
+        }
     }
 }
 
 /// Reduces each contiguous run of `run` elements of `v` with `f` (in parallel for large inputs).
-pub(crate) fn reduce_runs<F: Sync, O: Send + Copy + Default>(v: &[F], run: usize, outputs: usize, f: impl Fn(&[F]) -> O + Sync + Send) -> Vec<O> {
+pub(crate) fn reduce_runs<F: Sync, O: Send + Copy + Default>(
+    v: &[F],
+    run: usize,
+    outputs: usize,
+    f: impl Fn(&[F]) -> O + Sync + Send,
+) -> Vec<O> {
     if run == 0 {
         return (0..outputs).map(|_| f(&[])).collect();
     }
@@ -90,8 +111,14 @@ impl Backward for SumBackward {
         vec![&self.input]
     }
     fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let g = g.reshape(&self.keep_shape)?.broadcast_as(self.input.shape())?;
-        let g = if self.scale != 1.0 { g.mul_scalar(self.scale)? } else { g.contiguous()? };
+        let g = g
+            .reshape(&self.keep_shape)?
+            .broadcast_as(self.input.shape())?;
+        let g = if self.scale != 1.0 {
+            g.mul_scalar(self.scale)?
+        } else {
+            g.contiguous()?
+        };
         Ok(vec![Some(g)])
     }
 }
@@ -107,7 +134,13 @@ impl Tensor {
         self.sum_scaled("mean", dims, keepdim, true)
     }
 
-    fn sum_scaled(&self, op: &'static str, dims: &[isize], keepdim: bool, mean: bool) -> Result<Tensor> {
+    fn sum_scaled(
+        &self,
+        op: &'static str,
+        dims: &[isize],
+        keepdim: bool,
+        mean: bool,
+    ) -> Result<Tensor> {
         self.ensure_float(op)?;
         let plan = ReducePlan::new(op, self, dims)?;
         let scale = if mean { 1.0 / plan.run as f64 } else { 1.0 };
@@ -119,7 +152,11 @@ impl Tensor {
             }
             Tensor::from_float_vec(s, plan.out_shape(keepdim), self.dtype())?
         });
-        Ok(attach(out, || SumBackward { input: self.clone(), keep_shape: plan.keep_shape.clone(), scale }))
+        Ok(attach(out, || SumBackward {
+            input: self.clone(),
+            keep_shape: plan.keep_shape.clone(),
+            scale,
+        }))
     }
 
     /// Sum of all elements as a scalar tensor.
@@ -148,7 +185,12 @@ impl Tensor {
             return Ok(self.clone());
         }
         if shape.len() > self.rank() {
-            return Err(Error::shape_mismatch("sum_to_shape", self.shape(), shape, "target has higher rank"));
+            return Err(Error::shape_mismatch(
+                "sum_to_shape",
+                self.shape(),
+                shape,
+                "target has higher rank",
+            ));
         }
         let extra = self.rank() - shape.len();
         let mut dims = Vec::new();
@@ -158,7 +200,12 @@ impl Tensor {
             } else if shape[i - extra] == 1 && d != 1 {
                 dims.push(i as isize);
             } else if shape[i - extra] != d {
-                return Err(Error::shape_mismatch("sum_to_shape", self.shape(), shape, format!("dim {i} cannot be summed to {}", shape[i - extra])));
+                return Err(Error::shape_mismatch(
+                    "sum_to_shape",
+                    self.shape(),
+                    shape,
+                    format!("dim {i} cannot be summed to {}", shape[i - extra]),
+                ));
             }
         }
         if dims.is_empty() {
@@ -234,7 +281,12 @@ fn empty_reduction(op: &'static str, t: &Tensor, dims: &[usize]) -> Error {
 fn as_vector_if_scalar(op: &'static str, t: &Tensor, dims: &[isize]) -> Result<Tensor> {
     if t.rank() == 0 {
         if let Some(&d) = dims.iter().find(|&&d| d != 0 && d != -1) {
-            return Err(Error::DimOutOfRange { op, dim: d, rank: 0, shape: vec![] });
+            return Err(Error::DimOutOfRange {
+                op,
+                dim: d,
+                rank: 0,
+                shape: vec![],
+            });
         }
         return t.reshape(&[1]);
     }
@@ -258,9 +310,14 @@ impl Backward for ExtremeBackward {
     fn backward(&self, out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         // the gradient is shared evenly among the elements equal to the result (torch.amax)
         let x = &self.input;
-        let mask = x.eq_(&out.reshape(&self.keep_shape)?)?.to_dtype(x.dtype())?;
+        let mask = x
+            .eq_(&out.reshape(&self.keep_shape)?)?
+            .to_dtype(x.dtype())?;
         let count = mask.sum_dims(&self.dims, true)?;
-        let g = g.to_dtype(x.dtype())?.reshape(&self.keep_shape)?.div(&count)?;
+        let g = g
+            .to_dtype(x.dtype())?
+            .reshape(&self.keep_shape)?
+            .div(&count)?;
         Ok(vec![Some(mask.mul(&g)?)])
     }
 }
@@ -288,14 +345,24 @@ impl Tensor {
         self.extreme("min", dims, keepdim, false)
     }
 
-    fn extreme(&self, op: &'static str, dims: &[isize], keepdim: bool, max: bool) -> Result<Tensor> {
+    fn extreme(
+        &self,
+        op: &'static str,
+        dims: &[isize],
+        keepdim: bool,
+        max: bool,
+    ) -> Result<Tensor> {
         let t = as_vector_if_scalar(op, self, dims)?;
         let plan = ReducePlan::new(op, &t, if self.rank() == 0 { &[] } else { dims })?;
         if plan.run == 0 {
             return Err(empty_reduction(op, self, &plan.dims));
         }
         let outputs: usize = plan.drop_shape.iter().product();
-        let out_shape = if self.rank() == 0 { &[][..] } else { plan.out_shape(keepdim) };
+        let out_shape = if self.rank() == 0 {
+            &[][..]
+        } else {
+            plan.out_shape(keepdim)
+        };
         let out = with_dtype!(self.dtype(), T => {
             let owned: Vec<T>;
             let v = match plan.moved.as_contiguous_slice::<T>()? {
@@ -316,9 +383,22 @@ impl Tensor {
         if !self.dtype().is_float() {
             return Ok(out);
         }
-        let keep_shape = if self.rank() == 0 { vec![] } else { plan.keep_shape.clone() };
-        let dims = if self.rank() == 0 { vec![] } else { plan.dims.iter().map(|&d| d as isize).collect() };
-        Ok(attach(out, || ExtremeBackward { op, input: self.clone(), dims, keep_shape }))
+        let keep_shape = if self.rank() == 0 {
+            vec![]
+        } else {
+            plan.keep_shape.clone()
+        };
+        let dims = if self.rank() == 0 {
+            vec![]
+        } else {
+            plan.dims.iter().map(|&d| d as isize).collect()
+        };
+        Ok(attach(out, || ExtremeBackward {
+            op,
+            input: self.clone(),
+            dims,
+            keep_shape,
+        }))
     }
 
     /// Index (i64) of the largest element along `dim`, like `torch.argmax(x, dim, keepdim)`:
@@ -333,7 +413,13 @@ impl Tensor {
         self.arg_extreme("argmin", dim, keepdim, false)
     }
 
-    fn arg_extreme(&self, op: &'static str, dim: isize, keepdim: bool, max: bool) -> Result<Tensor> {
+    fn arg_extreme(
+        &self,
+        op: &'static str,
+        dim: isize,
+        keepdim: bool,
+        max: bool,
+    ) -> Result<Tensor> {
         let t = as_vector_if_scalar(op, self, &[dim])?;
         let dims = [dim];
         let plan = ReducePlan::new(op, &t, if self.rank() == 0 { &[] } else { &dims })?;
@@ -341,7 +427,11 @@ impl Tensor {
             return Err(empty_reduction(op, self, &plan.dims));
         }
         let outputs: usize = plan.drop_shape.iter().product();
-        let out_shape = if self.rank() == 0 { &[][..] } else { plan.out_shape(keepdim) };
+        let out_shape = if self.rank() == 0 {
+            &[][..]
+        } else {
+            plan.out_shape(keepdim)
+        };
         let idx = with_dtype!(self.dtype(), T => {
             let owned: Vec<T>;
             let v = match plan.moved.as_contiguous_slice::<T>()? {
@@ -417,7 +507,14 @@ impl Tensor {
         self.var_impl("std", dims, correction, keepdim, true)
     }
 
-    fn var_impl(&self, op: &'static str, dims: &[isize], correction: usize, keepdim: bool, std: bool) -> Result<Tensor> {
+    fn var_impl(
+        &self,
+        op: &'static str,
+        dims: &[isize],
+        correction: usize,
+        keepdim: bool,
+        std: bool,
+    ) -> Result<Tensor> {
         self.ensure_float(op)?;
         let plan = ReducePlan::new(op, self, dims)?;
         let outputs: usize = plan.drop_shape.iter().product();
@@ -444,7 +541,9 @@ impl Tensor {
 
 fn lse_runs<F: Elem>(v: &[F], run: usize, outputs: usize) -> Vec<F> {
     let simd = has_avx2();
-    reduce_runs(v, run, outputs, |r| F::from_f64(simd_call!(simd, row_lse_avx2, row_lse(r))))
+    reduce_runs(v, run, outputs, |r| {
+        F::from_f64(simd_call!(simd, row_lse_avx2, row_lse(r)))
+    })
 }
 
 struct LogSumExpBackward {
@@ -464,7 +563,12 @@ impl Backward for LogSumExpBackward {
         // x - (+inf) gives without a 0/0
         let x = &self.input;
         let lse = out.reshape(&self.keep_shape)?;
-        let neg_inf = lse.eq_(&Tensor::full(f64::NEG_INFINITY, &[], lse.dtype(), lse.device())?)?;
+        let neg_inf = lse.eq_(&Tensor::full(
+            f64::NEG_INFINITY,
+            &[],
+            lse.dtype(),
+            lse.device(),
+        )?)?;
         let lse = lse.masked_fill(&neg_inf, f64::INFINITY)?;
         let g = g.to_dtype(x.dtype())?.reshape(&self.keep_shape)?;
         Ok(vec![Some(x.sub(&lse)?.exp()?.mul(&g)?)])
@@ -481,12 +585,23 @@ impl Tensor {
         let dims = [dim];
         let plan = ReducePlan::new(OP, &t, if self.rank() == 0 { &[] } else { &dims })?;
         let outputs: usize = plan.drop_shape.iter().product();
-        let keep_shape = if self.rank() == 0 { vec![] } else { plan.keep_shape.clone() };
-        let out_shape = if self.rank() == 0 { &[][..] } else { plan.out_shape(keepdim) };
+        let keep_shape = if self.rank() == 0 {
+            vec![]
+        } else {
+            plan.keep_shape.clone()
+        };
+        let out_shape = if self.rank() == 0 {
+            &[][..]
+        } else {
+            plan.out_shape(keepdim)
+        };
         let out = with_float!(plan.moved.float_data(OP)?, v => {
             Tensor::from_float_vec(lse_runs(&v, plan.run, outputs), out_shape, self.dtype())?
         });
-        Ok(attach(out, || LogSumExpBackward { input: self.clone(), keep_shape }))
+        Ok(attach(out, || LogSumExpBackward {
+            input: self.clone(),
+            keep_shape,
+        }))
     }
 }
 
@@ -505,7 +620,10 @@ fn cumsum_kernel<F: Float>(v: &[F], n: usize, inner: usize, reverse: bool) -> Ve
         let mut acc = vec![0f64; inner];
         for k in 0..n {
             let i = if reverse { n - 1 - k } else { k };
-            let (orow, xrow) = (&mut o[i * inner..(i + 1) * inner], &x[i * inner..(i + 1) * inner]);
+            let (orow, xrow) = (
+                &mut o[i * inner..(i + 1) * inner],
+                &x[i * inner..(i + 1) * inner],
+            );
             for ((a, o), &x) in acc.iter_mut().zip(orow).zip(xrow) {
                 *a += x.to_f64();
                 *o = F::from_f64(*a);
@@ -513,7 +631,9 @@ fn cumsum_kernel<F: Float>(v: &[F], n: usize, inner: usize, reverse: bool) -> Ve
         }
     };
     if v.len() >= 2 * PAR_ELEMS && v.len() > slab {
-        out.par_chunks_mut(slab).zip(v.par_chunks(slab)).for_each(run);
+        out.par_chunks_mut(slab)
+            .zip(v.par_chunks(slab))
+            .for_each(run);
     } else {
         out.chunks_mut(slab).zip(v.chunks(slab)).for_each(run);
     }
@@ -523,7 +643,10 @@ fn cumsum_kernel<F: Float>(v: &[F], n: usize, inner: usize, reverse: bool) -> Ve
 /// Integer prefix sums (wrapping on overflow, as PyTorch's int64 arithmetic does).
 fn cumsum_int(v: &[i64], n: usize, inner: usize) -> Vec<i64> {
     let mut out = vec![0i64; v.len()];
-    for (o, x) in out.chunks_mut((n * inner).max(1)).zip(v.chunks((n * inner).max(1))) {
+    for (o, x) in out
+        .chunks_mut((n * inner).max(1))
+        .zip(v.chunks((n * inner).max(1)))
+    {
         for i in 0..n {
             for j in 0..inner {
                 let prev = if i == 0 { 0 } else { o[(i - 1) * inner + j] };
@@ -563,7 +686,11 @@ impl Tensor {
     pub fn cumsum(&self, dim: isize) -> Result<Tensor> {
         const OP: &str = "cumsum";
         let d = resolve_dim_scalar_ok(OP, dim, self.shape())?;
-        let (n, inner) = if self.rank() == 0 { (1, 1) } else { (self.shape()[d], self.shape()[d + 1..].iter().product()) };
+        let (n, inner) = if self.rank() == 0 {
+            (1, 1)
+        } else {
+            (self.shape()[d], self.shape()[d + 1..].iter().product())
+        };
         if !self.dtype().is_float() {
             let v: Vec<i64> = match self.dtype() {
                 DType::I64 => self.to_vec::<i64>()?,
@@ -576,6 +703,10 @@ impl Tensor {
         let out = with_float!(self.float_data(OP)?, v => {
             Tensor::from_float_vec(cumsum_kernel(&v, n, inner, false), self.shape(), self.dtype())?
         });
-        Ok(attach(out, || CumsumBackward { input: self.clone(), n, inner }))
+        Ok(attach(out, || CumsumBackward {
+            input: self.clone(),
+            n,
+            inner,
+        }))
     }
 }

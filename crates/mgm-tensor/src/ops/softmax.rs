@@ -196,14 +196,21 @@ pub(crate) fn rows_per_task(n: usize) -> usize {
 }
 
 /// Runs `f(x_rows, out_rows)` over blocks of whole rows, in parallel when large.
-pub(crate) fn for_row_blocks<A: Sync, B: Send>(x: &[A], out: &mut [B], n: usize, f: impl Fn(&[A], &mut [B]) + Sync) {
+pub(crate) fn for_row_blocks<A: Sync, B: Send>(
+    x: &[A],
+    out: &mut [B],
+    n: usize,
+    f: impl Fn(&[A], &mut [B]) + Sync,
+) {
     let rows = if n == 0 { 0 } else { x.len() / n };
     if rows == 0 {
         return;
     }
     let block = rows_per_task(n) * n;
     if x.len() >= 2 * PAR_ELEMS && rows > 1 {
-        out.par_chunks_mut(block).zip(x.par_chunks(block)).for_each(|(o, x)| f(x, o));
+        out.par_chunks_mut(block)
+            .zip(x.par_chunks(block))
+            .for_each(|(o, x)| f(x, o));
     } else {
         f(x, out);
     }
@@ -215,7 +222,11 @@ pub(crate) fn for_row_blocks<A: Sync, B: Send>(x: &[A], out: &mut [B], n: usize,
 /// Fills a row whose max is -inf: NaN everywhere when it holds a NaN (as the sums would give),
 /// else `fill` (0 for softmax, -inf for log-softmax).
 fn special_row<F: Float>(x: &[F], out: &mut [F], fill: F) {
-    let v = if x.iter().any(|v| v.is_nan()) { F::c(f64::NAN) } else { fill };
+    let v = if x.iter().any(|v| v.is_nan()) {
+        F::c(f64::NAN)
+    } else {
+        fill
+    };
     out.iter_mut().for_each(|o| *o = v);
 }
 
@@ -269,7 +280,11 @@ fn softmax_cols<F: Elem>(x: &[F], out: &mut [F], n: usize, inner: usize, log: bo
         }
     }
     if log {
-        let c: Vec<F> = m.iter().zip(&s).map(|(&m, &s)| F::c(m.to_f64() + s.ln())).collect();
+        let c: Vec<F> = m
+            .iter()
+            .zip(&s)
+            .map(|(&m, &s)| F::c(m.to_f64() + s.ln()))
+            .collect();
         for (orow, xrow) in out.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
             for ((o, &v), &c) in orow.iter_mut().zip(xrow).zip(&c) {
                 *o = v - c;
@@ -305,10 +320,14 @@ fn softmax_forward<F: Elem>(x: &[F], n: usize, inner: usize, log: bool) -> Vec<F
     }
     let simd = has_avx2();
     if inner == 1 {
-        for_row_blocks(x, &mut out, n, |x, o| simd_call!(simd, softmax_rows_avx2, softmax_rows(x, o, n, log)));
+        for_row_blocks(x, &mut out, n, |x, o| {
+            simd_call!(simd, softmax_rows_avx2, softmax_rows(x, o, n, log))
+        });
     } else {
         let slab = n * inner;
-        let f = |(o, x): (&mut [F], &[F])| simd_call!(simd, softmax_cols_avx2, softmax_cols(x, o, n, inner, log));
+        let f = |(o, x): (&mut [F], &[F])| {
+            simd_call!(simd, softmax_cols_avx2, softmax_cols(x, o, n, inner, log))
+        };
         if x.len() >= 2 * PAR_ELEMS && x.len() > slab {
             out.par_chunks_mut(slab).zip(x.par_chunks(slab)).for_each(f);
         } else {
@@ -322,7 +341,11 @@ fn softmax_forward<F: Elem>(x: &[F], n: usize, inner: usize, log: bool) -> Vec<F
 /// rows that are all -inf (their output does not depend on the input).
 #[inline(always)]
 fn softmax_bwd_rows<F: Elem>(y: &[F], g: &[F], dx: &mut [F], n: usize, log: bool) {
-    for ((y, g), dx) in y.chunks_exact(n).zip(g.chunks_exact(n)).zip(dx.chunks_exact_mut(n)) {
+    for ((y, g), dx) in y
+        .chunks_exact(n)
+        .zip(g.chunks_exact(n))
+        .zip(dx.chunks_exact_mut(n))
+    {
         if log {
             if row_max(y) == F::neg_infinity() && !y.iter().any(|v| v.is_nan()) {
                 dx.iter_mut().for_each(|d| *d = F::zero());
@@ -360,7 +383,11 @@ fn softmax_bwd_cols<F: Elem>(y: &[F], g: &[F], dx: &mut [F], inner: usize, log: 
         }
     }
     let s: Vec<F> = s.iter().map(|&s| F::c(s)).collect();
-    for ((drow, yrow), grow) in dx.chunks_exact_mut(inner).zip(y.chunks_exact(inner)).zip(g.chunks_exact(inner)) {
+    for ((drow, yrow), grow) in dx
+        .chunks_exact_mut(inner)
+        .zip(y.chunks_exact(inner))
+        .zip(g.chunks_exact(inner))
+    {
         for ((((d, &y), &g), &s), &mx) in drow.iter_mut().zip(yrow).zip(grow).zip(&s).zip(&ymax) {
             *d = if !log {
                 y * (g - s)
@@ -384,22 +411,39 @@ fn softmax_backward<F: Elem>(y: &[F], g: &[F], n: usize, inner: usize, log: bool
         let rows = y.len() / n;
         let block = rows_per_task(n) * n;
         let f = |((d, y), g): ((&mut [F], &[F]), &[F])| {
-            simd_call!(simd, softmax_bwd_rows_avx2, softmax_bwd_rows(y, g, d, n, log))
+            simd_call!(
+                simd,
+                softmax_bwd_rows_avx2,
+                softmax_bwd_rows(y, g, d, n, log)
+            )
         };
         if y.len() >= 2 * PAR_ELEMS && rows > 1 {
-            dx.par_chunks_mut(block).zip(y.par_chunks(block)).zip(g.par_chunks(block)).for_each(f);
+            dx.par_chunks_mut(block)
+                .zip(y.par_chunks(block))
+                .zip(g.par_chunks(block))
+                .for_each(f);
         } else {
             f(((&mut dx, y), g));
         }
     } else {
         let slab = n * inner;
         let f = |((d, y), g): ((&mut [F], &[F]), &[F])| {
-            simd_call!(simd, softmax_bwd_cols_avx2, softmax_bwd_cols(y, g, d, inner, log))
+            simd_call!(
+                simd,
+                softmax_bwd_cols_avx2,
+                softmax_bwd_cols(y, g, d, inner, log)
+            )
         };
         if y.len() >= 2 * PAR_ELEMS && y.len() > slab {
-            dx.par_chunks_mut(slab).zip(y.par_chunks(slab)).zip(g.par_chunks(slab)).for_each(f);
+            dx.par_chunks_mut(slab)
+                .zip(y.par_chunks(slab))
+                .zip(g.par_chunks(slab))
+                .for_each(f);
         } else {
-            dx.chunks_mut(slab).zip(y.chunks(slab)).zip(g.chunks(slab)).for_each(f);
+            dx.chunks_mut(slab)
+                .zip(y.chunks(slab))
+                .zip(g.chunks(slab))
+                .for_each(f);
         }
     }
     dx
@@ -411,7 +455,11 @@ fn split_at_dim(shape: &[usize], d: usize) -> (usize, usize) {
 }
 
 /// Resolves `dim` like PyTorch, which also accepts 0 and -1 for rank-0 tensors.
-pub(crate) fn resolve_dim_scalar_ok(op: &'static str, dim: isize, shape: &[usize]) -> Result<usize> {
+pub(crate) fn resolve_dim_scalar_ok(
+    op: &'static str,
+    dim: isize,
+    shape: &[usize],
+) -> Result<usize> {
     if shape.is_empty() && (dim == 0 || dim == -1) {
         return Ok(0);
     }
@@ -426,11 +474,17 @@ pub(crate) fn with_float_pair<R>(
     f32_fn: impl FnOnce(&[f32], &[f32]) -> Result<R>,
     f64_fn: impl FnOnce(&[f64], &[f64]) -> Result<R>,
 ) -> Result<R> {
-    let b = if b.dtype() != a.dtype() { b.to_dtype(a.dtype())? } else { b.clone() };
+    let b = if b.dtype() != a.dtype() {
+        b.to_dtype(a.dtype())?
+    } else {
+        b.clone()
+    };
     match (a.float_data(op)?, b.float_data(op)?) {
         (FloatData::F32(x), FloatData::F32(y)) => f32_fn(&x, &y),
         (FloatData::F64(x), FloatData::F64(y)) => f64_fn(&x, &y),
-        _ => Err(Error::Backward(format!("{op}: operands computed in different precisions"))),
+        _ => Err(Error::Backward(format!(
+            "{op}: operands computed in different precisions"
+        ))),
     }
 }
 
@@ -449,7 +503,11 @@ impl Backward for SoftmaxBackward {
     }
     fn backward(&self, out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let shape = out.shape().to_vec();
-        let (n, inner) = if shape.is_empty() { (1, 1) } else { split_at_dim(&shape, self.dim) };
+        let (n, inner) = if shape.is_empty() {
+            (1, 1)
+        } else {
+            split_at_dim(&shape, self.dim)
+        };
         let (dtype, log) = (self.input.dtype(), self.log);
         let dx = with_float_pair(
             self.name(),
@@ -481,11 +539,19 @@ impl Tensor {
     fn softmax_impl(&self, op: &'static str, dim: isize, log: bool) -> Result<Tensor> {
         self.ensure_float(op)?;
         let d = resolve_dim_scalar_ok(op, dim, self.shape())?;
-        let (n, inner) = if self.rank() == 0 { (1, 1) } else { split_at_dim(self.shape(), d) };
+        let (n, inner) = if self.rank() == 0 {
+            (1, 1)
+        } else {
+            split_at_dim(self.shape(), d)
+        };
         let out = with_float!(self.float_data(op)?, v => {
             Tensor::from_float_vec(softmax_forward(&v, n, inner, log), self.shape(), self.dtype())?
         });
-        Ok(attach(out, || SoftmaxBackward { input: self.clone(), dim: d, log }))
+        Ok(attach(out, || SoftmaxBackward {
+            input: self.clone(),
+            dim: d,
+            log,
+        }))
     }
 
     /// Mean cross-entropy of `logits` (`self`, `[N, C]`) against class indices `targets` (i64
@@ -493,18 +559,36 @@ impl Tensor {
     /// `ignore_index` are skipped and the mean is over the others (NaN when none remain). With
     /// `label_smoothing` e the target distribution is (1 - e) one_hot + e / C. The backward is
     /// fused: (softmax - target distribution) / count.
-    pub fn cross_entropy(&self, targets: &Tensor, ignore_index: i64, label_smoothing: f64) -> Result<Tensor> {
+    pub fn cross_entropy(
+        &self,
+        targets: &Tensor,
+        ignore_index: i64,
+        label_smoothing: f64,
+    ) -> Result<Tensor> {
         const OP: &str = "cross_entropy";
         self.ensure_float(OP)?;
         if self.rank() != 2 {
-            return Err(Error::invalid_shape(OP, self.shape(), "logits must have shape [N, C]"));
+            return Err(Error::invalid_shape(
+                OP,
+                self.shape(),
+                "logits must have shape [N, C]",
+            ));
         }
         if targets.dtype() != DType::I64 {
-            return Err(Error::unsupported_dtype(OP, targets.dtype(), "targets must be i64 class indices"));
+            return Err(Error::unsupported_dtype(
+                OP,
+                targets.dtype(),
+                "targets must be i64 class indices",
+            ));
         }
         let (rows, classes) = (self.shape()[0], self.shape()[1]);
         if targets.shape() != [rows] {
-            return Err(Error::shape_mismatch(OP, self.shape(), targets.shape(), "targets must have shape [N]"));
+            return Err(Error::shape_mismatch(
+                OP,
+                self.shape(),
+                targets.shape(),
+                "targets must have shape [N]",
+            ));
         }
         if !(0.0..=1.0).contains(&label_smoothing) {
             return Err(Error::invalid_shape(
@@ -518,13 +602,20 @@ impl Tensor {
             if ti != ignore_index && (ti < 0 || ti as u64 >= classes as u64) {
                 return Err(Error::out_of_bounds(
                     OP,
-                    format!("target {ti} at row {i} is out of range for {classes} classes (logits {:?})", self.shape()),
+                    format!(
+                        "target {ti} at row {i} is out of range for {classes} classes (logits {:?})",
+                        self.shape()
+                    ),
                 ));
             }
         }
         let count = t.iter().filter(|&&ti| ti != ignore_index).count();
         let (loss, lse) = with_float!(self.float_data(OP)?, v => ce_forward(&v, classes, &t, ignore_index, label_smoothing));
-        let loss = if count == 0 { f64::NAN } else { loss / count as f64 };
+        let loss = if count == 0 {
+            f64::NAN
+        } else {
+            loss / count as f64
+        };
         let out = Tensor::full(loss, &[], self.dtype(), self.device())?;
         Ok(attach(out, || CrossEntropyBackward {
             logits: self.clone(),
@@ -538,7 +629,13 @@ impl Tensor {
 }
 
 /// Per-row logsumexp and the summed loss of the kept rows.
-fn ce_forward<F: Elem>(x: &[F], classes: usize, t: &[i64], ignore: i64, eps: f64) -> (f64, Vec<f64>) {
+fn ce_forward<F: Elem>(
+    x: &[F],
+    classes: usize,
+    t: &[i64],
+    ignore: i64,
+    eps: f64,
+) -> (f64, Vec<f64>) {
     if classes == 0 {
         let kept = t.iter().filter(|&&ti| ti != ignore).count();
         // no class can be a valid target, so every kept row was rejected above
@@ -561,7 +658,11 @@ fn ce_forward<F: Elem>(x: &[F], classes: usize, t: &[i64], ignore: i64, eps: f64
         (lse, loss)
     };
     let parts: Vec<(f64, f64)> = if x.len() >= 2 * PAR_ELEMS {
-        x.par_chunks(classes).zip(t.par_iter()).with_min_len(rows_per_task(classes)).map(row).collect()
+        x.par_chunks(classes)
+            .zip(t.par_iter())
+            .with_min_len(rows_per_task(classes))
+            .map(row)
+            .collect()
     } else {
         x.chunks(classes).zip(t.iter()).map(row).collect()
     };
@@ -574,10 +675,18 @@ fn ce_forward<F: Elem>(x: &[F], classes: usize, t: &[i64], ignore: i64, eps: f64
 pub(crate) fn row_lse<F: Elem>(x: &[F]) -> f64 {
     let m = row_max(x);
     if m == F::neg_infinity() {
-        return if x.iter().any(|v| v.is_nan()) { f64::NAN } else { f64::NEG_INFINITY };
+        return if x.iter().any(|v| v.is_nan()) {
+            f64::NAN
+        } else {
+            f64::NEG_INFINITY
+        };
     }
     if m == F::infinity() {
-        return if x.iter().any(|v| v.is_nan()) { f64::NAN } else { f64::INFINITY };
+        return if x.iter().any(|v| v.is_nan()) {
+            f64::NAN
+        } else {
+            f64::INFINITY
+        };
     }
     m.to_f64() + sum_exp_f64(x, m).ln()
 }
@@ -603,10 +712,20 @@ struct CeParams {
 
 #[inline(always)]
 fn ce_bwd_rows<F: Elem>(x: &[F], dx: &mut [F], t: &[i64], lse: &[f64], p: CeParams) {
-    let CeParams { c, ignore, eps, scale } = p;
+    let CeParams {
+        c,
+        ignore,
+        eps,
+        scale,
+    } = p;
     let off = F::c(eps / c as f64);
     let sc = F::c(scale);
-    for (((x, dx), &ti), &l) in x.chunks_exact(c).zip(dx.chunks_exact_mut(c)).zip(t).zip(lse) {
+    for (((x, dx), &ti), &l) in x
+        .chunks_exact(c)
+        .zip(dx.chunks_exact_mut(c))
+        .zip(t)
+        .zip(lse)
+    {
         if ti == ignore {
             dx.iter_mut().for_each(|d| *d = F::zero());
             continue;
@@ -634,7 +753,12 @@ impl CrossEntropyBackward {
         }
         let scale = g / self.count as f64;
         let simd = has_avx2();
-        let p = CeParams { c, ignore: self.ignore_index, eps: self.smoothing, scale };
+        let p = CeParams {
+            c,
+            ignore: self.ignore_index,
+            eps: self.smoothing,
+            scale,
+        };
         let rpt = rows_per_task(c);
         let f = |(((dx, x), t), lse): (((&mut [F], &[F]), &[i64]), &[f64])| {
             simd_call!(simd, ce_bwd_rows_avx2, ce_bwd_rows(x, dx, t, lse, p))
