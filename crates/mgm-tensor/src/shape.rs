@@ -132,8 +132,11 @@ impl Layout {
     }
 
     /// True when the elements are stored row-major without gaps (dims of size 1 may have any
-    /// stride).
+    /// stride). An empty view is contiguous: it has no elements to be out of place.
     pub fn is_contiguous(&self) -> bool {
+        if self.numel() == 0 {
+            return true;
+        }
         let mut acc = 1usize;
         for (&d, &s) in self.shape.iter().zip(&self.strides).rev() {
             if d != 1 && s != acc {

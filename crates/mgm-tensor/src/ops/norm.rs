@@ -8,9 +8,11 @@
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, attach};
-use crate::ops::softmax::{Elem, PAR_ELEMS, has_avx2, rows_per_task, simd_call, simd_variant, sum_f64};
+use crate::ops::softmax::{
+    Elem, PAR_ELEMS, has_avx2, rows_per_task, simd_call, simd_variant, sum_f64,
+};
 use crate::tensor::FloatData;
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 /// Which normalisation a kernel runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -91,7 +93,11 @@ impl<F> Copy for Params<'_, F> {}
 #[inline(always)]
 fn norm_rows<F: Elem>(x: &[F], out: &mut [F], stats: &mut [(f64, f64)], p: Params<'_, F>) {
     let Params { w, b, n, eps, rms } = p;
-    for ((x, out), st) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).zip(stats.iter_mut()) {
+    for ((x, out), st) in x
+        .chunks_exact(n)
+        .zip(out.chunks_exact_mut(n))
+        .zip(stats.iter_mut())
+    {
         let (mean, var) = if rms {
             (0.0, sq_dev_f64(x, 0.0) / n as f64)
         } else {
@@ -128,7 +134,14 @@ fn norm_rows<F: Elem>(x: &[F], out: &mut [F], stats: &mut [(f64, f64)], p: Param
 simd_variant!(norm_rows_avx2 = norm_rows(x: &[F], out: &mut [F], stats: &mut [(f64, f64)], p: Params<'_, F>));
 
 /// The normalised rows and the per-row `(mean, rstd)`.
-fn norm_forward<F: Elem>(x: &[F], w: Option<&[F]>, b: Option<&[F]>, n: usize, eps: f64, kind: Kind) -> (Vec<F>, Vec<(f64, f64)>) {
+fn norm_forward<F: Elem>(
+    x: &[F],
+    w: Option<&[F]>,
+    b: Option<&[F]>,
+    n: usize,
+    eps: f64,
+    kind: Kind,
+) -> (Vec<F>, Vec<(f64, f64)>) {
     let rows = if n == 0 { 0 } else { x.len() / n };
     let mut out = vec![F::zero(); x.len()];
     let mut stats = vec![(0f64, 0f64); rows];
@@ -136,13 +149,22 @@ fn norm_forward<F: Elem>(x: &[F], w: Option<&[F]>, b: Option<&[F]>, n: usize, ep
         return (out, stats);
     }
     let simd = has_avx2();
-    let p = Params { w, b, n, eps, rms: kind == Kind::Rms };
+    let p = Params {
+        w,
+        b,
+        n,
+        eps,
+        rms: kind == Kind::Rms,
+    };
     let f = |((o, st), x): ((&mut [F], &mut [(f64, f64)]), &[F])| {
         simd_call!(simd, norm_rows_avx2, norm_rows(x, o, st, p))
     };
     if x.len() >= 2 * PAR_ELEMS && rows > 1 {
         let rpt = rows_per_task(n);
-        out.par_chunks_mut(rpt * n).zip(stats.par_chunks_mut(rpt)).zip(x.par_chunks(rpt * n)).for_each(f);
+        out.par_chunks_mut(rpt * n)
+            .zip(stats.par_chunks_mut(rpt))
+            .zip(x.par_chunks(rpt * n))
+            .for_each(f);
     } else {
         f(((&mut out, &mut stats), x));
     }
@@ -152,12 +174,24 @@ fn norm_forward<F: Elem>(x: &[F], w: Option<&[F]>, b: Option<&[F]>, n: usize, ep
 /// Backward of a block of rows: writes dx and adds this block's dweight / dbias terms into
 /// `dw` / `db` (f64, one entry per column).
 #[inline(always)]
-fn norm_bwd_rows<F: Elem>(x: &[F], g: &[F], dx: &mut [F], stats: &[(f64, f64)], dwb: (&mut [f64], &mut [f64]), p: Params<'_, F>) {
+fn norm_bwd_rows<F: Elem>(
+    x: &[F],
+    g: &[F],
+    dx: &mut [F],
+    stats: &[(f64, f64)],
+    dwb: (&mut [f64], &mut [f64]),
+    p: Params<'_, F>,
+) {
     let Params { w, n, rms, .. } = p;
     let (dw, db) = dwb;
     let nf = n as f64;
     let mut gy: Vec<f64> = vec![0.0; if w.is_some() { n } else { 0 }];
-    for (((x, g), dx), &(mean, rstd)) in x.chunks_exact(n).zip(g.chunks_exact(n)).zip(dx.chunks_exact_mut(n)).zip(stats) {
+    for (((x, g), dx), &(mean, rstd)) in x
+        .chunks_exact(n)
+        .zip(g.chunks_exact(n))
+        .zip(dx.chunks_exact_mut(n))
+        .zip(stats)
+    {
         // gy = g * w; the two row means the formula needs (f64)
         let (sum_gy, sum_gy_xhat) = match w {
             Some(w) => {
@@ -172,9 +206,7 @@ fn norm_bwd_rows<F: Elem>(x: &[F], g: &[F], dx: &mut [F], stats: &[(f64, f64)], 
                 }
                 (s, sx * rstd)
             }
-            None => {
-                (sum_f64(g), dot_dev_f64(g, x, mean) * rstd)
-            }
+            None => (sum_f64(g), dot_dev_f64(g, x, mean) * rstd),
         };
         let a = if rms { 0.0 } else { sum_gy / nf };
         let c = sum_gy_xhat / nf;
@@ -202,17 +234,34 @@ fn norm_bwd_rows<F: Elem>(x: &[F], g: &[F], dx: &mut [F], stats: &[(f64, f64)], 
 simd_variant!(norm_bwd_rows_avx2 = norm_bwd_rows(x: &[F], g: &[F], dx: &mut [F], stats: &[(f64, f64)], dwb: (&mut [f64], &mut [f64]), p: Params<'_, F>));
 
 /// dx and the f64 sums for dweight and dbias over all rows.
-fn norm_backward<F: Elem>(x: &[F], g: &[F], w: Option<&[F]>, stats: &[(f64, f64)], n: usize, kind: Kind) -> (Vec<F>, Vec<f64>, Vec<f64>) {
+fn norm_backward<F: Elem>(
+    x: &[F],
+    g: &[F],
+    w: Option<&[F]>,
+    stats: &[(f64, f64)],
+    n: usize,
+    kind: Kind,
+) -> (Vec<F>, Vec<f64>, Vec<f64>) {
     let mut dx = vec![F::zero(); x.len()];
     let rows = stats.len();
     if rows == 0 || n == 0 {
         return (dx, vec![0.0; n], vec![0.0; n]);
     }
     let simd = has_avx2();
-    let p = Params { w, b: None, n, eps: 0.0, rms: kind == Kind::Rms };
+    let p = Params {
+        w,
+        b: None,
+        n,
+        eps: 0.0,
+        rms: kind == Kind::Rms,
+    };
     let run = |dx: &mut [F], x: &[F], g: &[F], st: &[(f64, f64)]| {
         let (mut dw, mut db) = (vec![0f64; n], vec![0f64; n]);
-        simd_call!(simd, norm_bwd_rows_avx2, norm_bwd_rows(x, g, dx, st, (&mut dw, &mut db), p));
+        simd_call!(
+            simd,
+            norm_bwd_rows_avx2,
+            norm_bwd_rows(x, g, dx, st, (&mut dw, &mut db), p)
+        );
         (dw, db)
     };
     if x.len() >= 2 * PAR_ELEMS && rows > 1 {
@@ -238,10 +287,15 @@ fn norm_backward<F: Elem>(x: &[F], g: &[F], w: Option<&[F]>, stats: &[(f64, f64)
     }
 }
 
-/// Checks an affine parameter: shape `[n]`, same dtype and device as the input.
+/// Checks an affine parameter: shape `[n]`, same device as the input, and the input's dtype or,
+/// for f16/bf16 inputs, f32 (mixed precision keeps norm parameters in f32; the kernel computes
+/// in f32 either way).
 fn check_param(kind: Kind, x: &Tensor, p: Option<&Tensor>, what: &str) -> Result<()> {
     let Some(p) = p else { return Ok(()) };
-    x.ensure_same(kind.name(), p)?;
+    let half_input = matches!(x.dtype(), DType::F16 | DType::BF16);
+    if !(half_input && p.dtype() == DType::F32 && p.device() == x.device()) {
+        x.ensure_same(kind.name(), p)?;
+    }
     let n = *x.shape().last().expect("rank checked before");
     if p.shape() != [n] {
         return Err(Error::shape_mismatch(
@@ -265,7 +319,11 @@ macro_rules! param_slice {
         match $p {
             Some(FloatData::$variant(v)) => Some(&v[..]),
             None => None,
-            Some(_) => return Err(Error::Backward("norm: parameters computed in another precision".into())),
+            Some(_) => {
+                return Err(Error::Backward(
+                    "norm: parameters computed in another precision".into(),
+                ))
+            }
         }
     };
 }
@@ -292,25 +350,35 @@ impl Backward for NormBackward {
         let op = self.name();
         let x = &self.input;
         let n = *x.shape().last().expect("rank checked in forward");
-        let g = if g.dtype() != x.dtype() { g.to_dtype(x.dtype())? } else { g.clone() };
+        let g = if g.dtype() != x.dtype() {
+            g.to_dtype(x.dtype())?
+        } else {
+            g.clone()
+        };
         let w = param_data(op, self.weight.as_ref())?;
         let (dx, dw, db) = match (x.float_data(op)?, g.float_data(op)?) {
             (FloatData::F32(xv), FloatData::F32(gv)) => {
-                let (dx, dw, db) = norm_backward(&xv, &gv, param_slice!(&w, F32), &self.stats, n, self.kind);
+                let (dx, dw, db) =
+                    norm_backward(&xv, &gv, param_slice!(&w, F32), &self.stats, n, self.kind);
                 (Tensor::from_float_vec(dx, x.shape(), x.dtype())?, dw, db)
             }
             (FloatData::F64(xv), FloatData::F64(gv)) => {
-                let (dx, dw, db) = norm_backward(&xv, &gv, param_slice!(&w, F64), &self.stats, n, self.kind);
+                let (dx, dw, db) =
+                    norm_backward(&xv, &gv, param_slice!(&w, F64), &self.stats, n, self.kind);
                 (Tensor::from_float_vec(dx, x.shape(), x.dtype())?, dw, db)
             }
-            _ => return Err(Error::Backward(format!("{op}: input and gradient in different precisions"))),
+            _ => {
+                return Err(Error::Backward(format!(
+                    "{op}: input and gradient in different precisions"
+                )));
+            }
         };
         let mut grads = vec![Some(dx)];
-        if self.weight.is_some() {
-            grads.push(Some(Tensor::from_vec(dw, &[n])?.to_dtype(x.dtype())?));
+        if let Some(w) = &self.weight {
+            grads.push(Some(Tensor::from_vec(dw, &[n])?.to_dtype(w.dtype())?));
         }
-        if self.bias.is_some() {
-            grads.push(Some(Tensor::from_vec(db, &[n])?.to_dtype(x.dtype())?));
+        if let Some(b) = &self.bias {
+            grads.push(Some(Tensor::from_vec(db, &[n])?.to_dtype(b.dtype())?));
         }
         Ok(grads)
     }
@@ -320,7 +388,12 @@ impl Tensor {
     /// Layer normalisation over the last dim, like `torch.nn.functional.layer_norm(x, [C], w,
     /// b, eps)`: (x - mean) / sqrt(var + eps) * weight + bias with the biased variance.
     /// `weight` and `bias` must have shape `[C]` and the input's dtype; f16/bf16 compute in f32.
-    pub fn layer_norm(&self, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    pub fn layer_norm(
+        &self,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
         self.norm_impl(Kind::Layer, weight, bias, eps)
     }
 
@@ -330,14 +403,28 @@ impl Tensor {
         self.norm_impl(Kind::Rms, weight, None, eps)
     }
 
-    fn norm_impl(&self, kind: Kind, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    fn norm_impl(
+        &self,
+        kind: Kind,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<Tensor> {
         let op = kind.name();
         self.ensure_float(op)?;
         if self.rank() == 0 {
-            return Err(Error::invalid_shape(op, self.shape(), "needs at least one dim to normalise over"));
+            return Err(Error::invalid_shape(
+                op,
+                self.shape(),
+                "needs at least one dim to normalise over",
+            ));
         }
         if eps.is_nan() || eps < 0.0 {
-            return Err(Error::invalid_shape(op, self.shape(), format!("eps must be >= 0, got {eps}")));
+            return Err(Error::invalid_shape(
+                op,
+                self.shape(),
+                format!("eps must be >= 0, got {eps}"),
+            ));
         }
         check_param(kind, self, weight, "weight")?;
         check_param(kind, self, bias, "bias")?;
@@ -346,15 +433,34 @@ impl Tensor {
         let b = param_data(op, bias)?;
         let (out, stats) = match self.float_data(op)? {
             FloatData::F32(v) => {
-                let (o, s) = norm_forward(&v, param_slice!(&w, F32), param_slice!(&b, F32), n, eps, kind);
+                let (o, s) = norm_forward(
+                    &v,
+                    param_slice!(&w, F32),
+                    param_slice!(&b, F32),
+                    n,
+                    eps,
+                    kind,
+                );
                 (Tensor::from_float_vec(o, self.shape(), self.dtype())?, s)
             }
             FloatData::F64(v) => {
-                let (o, s) = norm_forward(&v, param_slice!(&w, F64), param_slice!(&b, F64), n, eps, kind);
+                let (o, s) = norm_forward(
+                    &v,
+                    param_slice!(&w, F64),
+                    param_slice!(&b, F64),
+                    n,
+                    eps,
+                    kind,
+                );
                 (Tensor::from_float_vec(o, self.shape(), self.dtype())?, s)
             }
         };
-        Ok(attach(out, || NormBackward { kind, input: self.clone(), weight: weight.cloned(), bias: bias.cloned(), stats }))
+        Ok(attach(out, || NormBackward {
+            kind,
+            input: self.clone(),
+            weight: weight.cloned(),
+            bias: bias.cloned(),
+            stats,
+        }))
     }
 }
-

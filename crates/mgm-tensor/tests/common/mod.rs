@@ -91,7 +91,9 @@ pub fn make_view(vals: &[f64], shape: &[usize], kind: ViewKind, dtype: DType) ->
     let t = make_view_typed(vals, shape, kind, dtype);
     if let ViewKind::Permuted = kind {
         assert!(
-            shape.iter().filter(|&&d| d > 1).count() < 2 || !t.is_contiguous(),
+            shape.iter().filter(|&&d| d > 1).count() < 2
+                || shape.contains(&0)
+                || !t.is_contiguous(),
             "permuted view should be strided"
         );
     }
