@@ -137,7 +137,7 @@ fn wrong_element_type_is_an_error() {
     let t = Tensor::from_vec(vec![1i64, 2], &[2]).unwrap();
     let e = t.to_ndarray::<f32>().unwrap_err().to_string();
     assert!(
-        e.contains("to_ndarray") && e.contains("I64") && e.contains("F32"),
+        e.contains("to_ndarray") && e.contains("i64") && e.contains("f32"),
         "{e}"
     );
     assert!(t.as_ndarray_view::<f64>().is_err());

@@ -549,7 +549,7 @@ impl Tensor {
         let moved = no_grad(|| self.detach().permute(&order)?.contiguous())?;
         let mut moved_shape = moved.shape().to_vec();
         *moved_shape.last_mut().expect("rank >= 1 after resolve_dim") = k;
-        let rows = if size == 0 { 0 } else { moved.numel() / size };
+        let rows = moved.numel().checked_div(size).unwrap_or(0);
         let (values, indices) = with_dtype!(self.dtype(), T => {
             let v = moved.to_vec::<T>()?;
             let mut vals: Vec<T> = Vec::with_capacity(rows * k);

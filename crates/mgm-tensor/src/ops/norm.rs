@@ -142,7 +142,7 @@ fn norm_forward<F: Elem>(
     eps: f64,
     kind: Kind,
 ) -> (Vec<F>, Vec<(f64, f64)>) {
-    let rows = if n == 0 { 0 } else { x.len() / n };
+    let rows = x.len().checked_div(n).unwrap_or(0);
     let mut out = vec![F::zero(); x.len()];
     let mut stats = vec![(0f64, 0f64); rows];
     if rows == 0 {
@@ -156,6 +156,7 @@ fn norm_forward<F: Elem>(
         eps,
         rms: kind == Kind::Rms,
     };
+    #[allow(clippy::type_complexity)] // the item type of a rayon zip chain
     let f = |((o, st), x): ((&mut [F], &mut [(f64, f64)]), &[F])| {
         simd_call!(simd, norm_rows_avx2, norm_rows(x, o, st, p))
     };

@@ -146,7 +146,7 @@ impl Tensor {
         let scale = if mean { 1.0 / plan.run as f64 } else { 1.0 };
         let outputs: usize = plan.drop_shape.iter().product();
         let out = with_float!(plan.moved.float_data(op)?, v => {
-            let mut s = reduce_runs(&v, plan.run, outputs, |r| sum_run(r));
+            let mut s = reduce_runs(&v, plan.run, outputs, sum_run);
             if mean {
                 scale_in_place(&mut s, scale);
             }
@@ -195,9 +195,7 @@ impl Tensor {
         let extra = self.rank() - shape.len();
         let mut dims = Vec::new();
         for (i, &d) in self.shape().iter().enumerate() {
-            if i < extra {
-                dims.push(i as isize);
-            } else if shape[i - extra] == 1 && d != 1 {
+            if i < extra || (shape[i - extra] == 1 && d != 1) {
                 dims.push(i as isize);
             } else if shape[i - extra] != d {
                 return Err(Error::shape_mismatch(

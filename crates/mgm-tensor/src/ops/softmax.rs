@@ -61,7 +61,7 @@ fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5.0e-1;
     let y = p * r * r + r + 1.0;
     // n + 127 into the exponent field; valid for n >= -126, which the select below guarantees
     let scale = f32::from_bits(k.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
@@ -202,7 +202,7 @@ pub(crate) fn for_row_blocks<A: Sync, B: Send>(
     n: usize,
     f: impl Fn(&[A], &mut [B]) + Sync,
 ) {
-    let rows = if n == 0 { 0 } else { x.len() / n };
+    let rows = x.len().checked_div(n).unwrap_or(0);
     if rows == 0 {
         return;
     }
@@ -374,7 +374,11 @@ fn softmax_bwd_cols<F: Elem>(y: &[F], g: &[F], dx: &mut [F], inner: usize, log: 
         for (((s, mx), &y), &g) in s.iter_mut().zip(ymax.iter_mut()).zip(yrow).zip(grow) {
             if log {
                 *s += g.to_f64();
-                if !(y <= *mx) {
+                // NaN propagates: a NaN y replaces the running max
+                if !matches!(
+                    y.partial_cmp(mx),
+                    Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+                ) {
                     *mx = y;
                 }
             } else {
@@ -760,6 +764,7 @@ impl CrossEntropyBackward {
             scale,
         };
         let rpt = rows_per_task(c);
+        #[allow(clippy::type_complexity)] // the item type of a rayon zip chain
         let f = |(((dx, x), t), lse): (((&mut [F], &[F]), &[i64]), &[f64])| {
             simd_call!(simd, ce_bwd_rows_avx2, ce_bwd_rows(x, dx, t, lse, p))
         };
