@@ -503,8 +503,23 @@ impl Tensor {
             fn to<S: WithDType, D: WithDType>(
                 t: &Tensor,
                 s: &[S],
-                conv: impl Fn(S) -> D,
+                conv: impl Fn(S) -> D + Sync + Send,
             ) -> Result<Tensor> {
+                // Contiguous views convert as a flat map, which vectorises, in parallel for
+                // large tensors (bf16 matmul widens both operands through here).
+                if let Some(r) = t.0.layout.contiguous_range() {
+                    let src = &s[r];
+                    let out: Vec<D> = if src.len() >= 1 << 16 {
+                        use rayon::prelude::*;
+                        src.par_iter()
+                            .with_min_len(1 << 14)
+                            .map(|&v| conv(v))
+                            .collect()
+                    } else {
+                        src.iter().map(|&v| conv(v)).collect()
+                    };
+                    return Tensor::from_vec(out, t.shape());
+                }
                 let mut out = Vec::with_capacity(t.numel());
                 t.0.layout.for_each_offset(|o| out.push(conv(s[o])));
                 Tensor::from_vec(out, t.shape())

@@ -6,6 +6,8 @@
 //! 16-bit floats is exact in f32), accumulated in f32 and rounded once, which is what PyTorch's
 //! CPU kernels do; integer matmul is rejected.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::autograd::{Backward, attach, no_grad};
@@ -171,7 +173,7 @@ fn merged_stride(shape: &[usize], strides: &[usize]) -> Option<usize> {
 /// One `c = a b` with `a` `[m, k]`, `b` `[k, n]` given by offsets and strides, `c` row-major.
 #[allow(clippy::too_many_arguments)]
 fn gemm_one<T: Float>(
-    c: &mut [T],
+    c: &mut [MaybeUninit<T>],
     (a, oa, ars, acs): (&[T], usize, usize, usize),
     (b, ob, brs, bcs): (&[T], usize, usize, usize),
     m: usize,
@@ -181,7 +183,7 @@ fn gemm_one<T: Float>(
 ) {
     debug_assert_eq!(c.len(), m * n);
     if m == 0 || n == 0 || k == 0 {
-        // `c` starts zeroed, and an empty sum is zero
+        // batched_gemm zero-fills the output itself when k == 0 (an empty sum is zero)
         return;
     }
     let last =
@@ -204,7 +206,7 @@ fn gemm_one<T: Float>(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.as_mut_ptr().cast::<T>(),
             1,
             n as isize,
             false,
@@ -228,10 +230,14 @@ fn gemm_one<T: Float>(
 fn batched_gemm<T: Float>(plan: &Plan, a: Operand<T>, b: Operand<T>) -> Vec<T> {
     let (m, k, n) = (plan.m, plan.k, plan.n);
     let count: usize = plan.batch.iter().product();
-    let mut out = vec![T::zero(); count * m * n];
-    if out.is_empty() {
-        return out;
+    if count * m * n == 0 || k == 0 {
+        return vec![T::zero(); count * m * n];
     }
+    // gemm overwrites every element of the output (read_dst = false), so skip the zero fill:
+    // writing 4 bytes per element twice costs several percent of a 1024^3 product.
+    let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(count * m * n);
+    // SAFETY: MaybeUninit<T> needs no initialisation; the capacity was just reserved.
+    unsafe { out.set_len(count * m * n) };
     // A weight shared by the whole batch ([B, T, K] x [K, N]): fold the batch into the rows of
     // one large gemm when the lhs rows are evenly strided, which keeps gemm's packing and
     // threading efficient.
@@ -250,7 +256,7 @@ fn batched_gemm<T: Float>(plan: &Plan, a: Operand<T>, b: Operand<T>) -> Vec<T> {
                 n,
                 true,
             );
-            return out;
+            return assume_init(out);
         }
     }
     let offsets = batch_offsets(&plan.batch, &a, &b);
@@ -284,7 +290,17 @@ fn batched_gemm<T: Float>(plan: &Plan, a: Operand<T>, b: Operand<T>) -> Vec<T> {
             );
         }
     }
-    out
+    assume_init(out)
+}
+
+/// The output buffer after every gemm call has written its part.
+fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+    // SAFETY: every gemm_one call above covered its m x n block of the buffer with
+    // read_dst = false, so all len elements are initialised; MaybeUninit<T> has T's layout,
+    // and the allocation is handed over unchanged (same pointer, length and capacity).
+    unsafe { Vec::from_raw_parts(ptr.cast::<T>(), len, cap) }
 }
 
 /// The product of two untracked float tensors (dtypes already checked equal).
