@@ -221,13 +221,23 @@ impl Tensor {
         if F::DTYPE == dtype {
             return Self::from_vec(data, shape);
         }
-        let storage = match dtype {
-            DType::F32 => CpuStorage::F32(data.iter().map(|v| v.to_f32()).collect()),
-            DType::F64 => CpuStorage::F64(data.iter().map(|v| v.to_f64()).collect()),
-            DType::F16 => CpuStorage::F16(data.iter().map(|v| f16::from_f32(v.to_f32())).collect()),
-            DType::BF16 => {
-                CpuStorage::BF16(data.iter().map(|v| bf16::from_f32(v.to_f32())).collect())
+        // Large outputs (a bf16 matmul's result) narrow in parallel.
+        fn narrow<F: Float, D: Send>(data: &[F], conv: impl Fn(F) -> D + Sync + Send) -> Vec<D> {
+            if data.len() >= 1 << 16 {
+                use rayon::prelude::*;
+                data.par_iter()
+                    .with_min_len(1 << 14)
+                    .map(|&v| conv(v))
+                    .collect()
+            } else {
+                data.iter().map(|&v| conv(v)).collect()
             }
+        }
+        let storage = match dtype {
+            DType::F32 => CpuStorage::F32(narrow(&data, |v| v.to_f32())),
+            DType::F64 => CpuStorage::F64(narrow(&data, |v| v.to_f64())),
+            DType::F16 => CpuStorage::F16(narrow(&data, |v| f16::from_f32(v.to_f32()))),
+            DType::BF16 => CpuStorage::BF16(narrow(&data, |v| bf16::from_f32(v.to_f32()))),
             d => {
                 return Err(Error::unsupported_dtype(
                     "from_float_vec",

@@ -1,0 +1,182 @@
+//! Shared helpers of the mgm-rs benches: interleaved timing of ours against peers, and the
+//! `case | mgm X | peer Y | R.RRx` table that every bench prints (and saves under
+//! `target/reports/`).
+//!
+//! ```
+//! let t = mgm_benches::interleaved(3, &mut [&mut || 1 + 1, &mut || 2 + 0]);
+//! assert!(t[0].best > 0.0 && t[1].best <= t[1].median);
+//! let row = mgm_benches::Row::new("add 1", "ns", 1.0 / t[0].best, 1.0 / t[1].best, "noop");
+//! assert!(row.line().contains("| noop "));
+//! ```
+#![allow(clippy::print_stdout)] // benches report on stdout
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Best and median wall time of one side of an interleaved measurement, in seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timing {
+    /// The fastest round: the least noisy estimate on a shared machine.
+    pub best: f64,
+    /// The median round.
+    pub median: f64,
+}
+
+/// Times every side once per round, alternating sides within each round, for `rounds` rounds
+/// after one untimed warm-up call of each, and returns the best and median time of each side
+/// in the order given. Alternating keeps turbo and thermal drift (and a neighbour's load) from
+/// favouring one side.
+pub fn interleaved<R>(rounds: usize, sides: &mut [&mut dyn FnMut() -> R]) -> Vec<Timing> {
+    for side in sides.iter_mut() {
+        black_box(side());
+    }
+    let mut times = vec![Vec::with_capacity(rounds); sides.len()];
+    for _ in 0..rounds.max(1) {
+        for (side, t) in sides.iter_mut().zip(&mut times) {
+            let start = Instant::now();
+            black_box(side());
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            Timing {
+                best: t[0],
+                median: t[t.len() / 2],
+            }
+        })
+        .collect()
+}
+
+/// One line of a bench table: a rate (higher is better) for ours and for the peer.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// What was measured, e.g. `matmul f32 1024`.
+    pub case: String,
+    /// Unit of the rates, e.g. `GFLOP/s`.
+    pub unit: String,
+    /// Our rate.
+    pub ours: f64,
+    /// The peer's rate.
+    pub peer: f64,
+    /// Who the peer is, e.g. `gemm f32`.
+    pub peer_name: String,
+    /// Our rate from the median round, if measured (saved to JSON, not printed).
+    pub ours_median: Option<f64>,
+    /// The peer's rate from the median round, if measured (saved to JSON, not printed).
+    pub peer_median: Option<f64>,
+}
+
+impl Row {
+    /// A row from two rates.
+    pub fn new(case: &str, unit: &str, ours: f64, peer: f64, peer_name: &str) -> Row {
+        Row {
+            case: case.into(),
+            unit: unit.into(),
+            ours,
+            peer,
+            peer_name: peer_name.into(),
+            ours_median: None,
+            peer_median: None,
+        }
+    }
+
+    /// A row of rates `work / time` from the best rounds of two timings (medians kept for the
+    /// JSON report); `scale` converts to the unit, e.g. `1e-9` for GFLOP/s from FLOPs.
+    pub fn from_timings(
+        case: &str,
+        unit: &str,
+        work: f64,
+        scale: f64,
+        ours: Timing,
+        peer: Timing,
+        peer_name: &str,
+    ) -> Row {
+        let rate = |s: f64| work / s * scale;
+        Row {
+            ours_median: Some(rate(ours.median)),
+            peer_median: Some(rate(peer.median)),
+            ..Row::new(case, unit, rate(ours.best), rate(peer.best), peer_name)
+        }
+    }
+
+    /// ours / peer (above 1 means we are faster).
+    pub fn ratio(&self) -> f64 {
+        self.ours / self.peer
+    }
+
+    /// `case | mgm X unit | peer Y unit | R.RRx`.
+    pub fn line(&self) -> String {
+        format!(
+            "{} | mgm {:.1} {} | {} {:.1} {} | {:.2}x",
+            self.case,
+            self.ours,
+            self.unit,
+            self.peer_name,
+            self.peer,
+            self.unit,
+            self.ratio()
+        )
+    }
+}
+
+/// Prints the rows and writes them to `target/reports/bench_<name>.json` under the workspace
+/// root. `method` says how the numbers were taken and heads the table.
+pub fn report(name: &str, method: &str, rows: &[Row]) {
+    println!("\n{name}: {method}");
+    for r in rows {
+        println!("{}", r.line());
+    }
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "case": r.case, "unit": r.unit, "mgm": r.ours, "peer": r.peer,
+                "peer_name": r.peer_name, "ratio": r.ratio(),
+                "mgm_median": r.ours_median, "peer_median": r.peer_median,
+            })
+        })
+        .collect();
+    let report = serde_json::json!({
+        "bench": name,
+        "method": method,
+        "threads": rayon::current_num_threads(),
+        "rows": json,
+    });
+    let dir = workspace_root().join("target/reports");
+    let path = dir.join(format!("bench_{name}.json"));
+    let written = std::fs::create_dir_all(&dir).and_then(|_| {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&report).expect("plain values serialise"),
+        )
+    });
+    match written {
+        Ok(()) => println!("(rows saved to {})\n", path.display()),
+        Err(e) => eprintln!("could not write {}: {e}\n", path.display()),
+    }
+}
+
+/// True when only the peer table is wanted (`MGM_BENCH_TABLE_ONLY=1`), not criterion's groups.
+pub fn table_only() -> bool {
+    std::env::var_os("MGM_BENCH_TABLE_ONLY").is_some_and(|v| v != "0")
+}
+
+/// True under `cargo bench` (cargo passes `--bench`), false under `cargo test --benches` or
+/// `--all-targets` and for `--list`/`--test`: the peer table is a measurement that takes
+/// minutes, so it runs only when benchmarking, like criterion's own groups.
+pub fn benchmarking() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    has("--bench") && !has("--test") && !has("--list")
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("benches/ is one level below the workspace root")
+        .to_path_buf()
+}
