@@ -7,6 +7,9 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod kernels;
+mod verify_kernels;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Developer tasks for mgm-rs")]
 struct Cli {
@@ -16,8 +19,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Check mgm-tensor against the committed PyTorch fixtures and print the error table.
-    Verify,
+    /// Check mgm-tensor against the committed PyTorch fixtures, run the kernel property tests
+    /// (PTX on the mgm-ptx executor, fast CPU, GPU when present) and the PTX mutation sweep.
+    Verify {
+        /// Skip the mutation sweep (one test run per deleted bar.sync / changed constant).
+        #[arg(long)]
+        no_mutants: bool,
+    },
+    /// Assemble kernels/*.ptx with ptxas (installed from PyPI into target/ when missing) for
+    /// sm_80 and sm_90 and print registers, shared memory and spills.
+    Kernels,
     /// Regenerate tests/fixtures with the pinned Python generators (creates target/reference-venv).
     Reference {
         /// Python interpreter used to create the venv.
@@ -102,7 +113,15 @@ fn reference(python: &str) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Verify => verify(),
+        Cmd::Verify { no_mutants } => {
+            verify()?;
+            verify_kernels::property_tests()?;
+            if !no_mutants {
+                verify_kernels::mutation_sweep()?;
+            }
+            verify_kernels::gpu_tests()
+        }
+        Cmd::Kernels => kernels::run(),
         Cmd::Reference { python } => reference(&python),
         Cmd::Bench { args } => run(Command::new(env!("CARGO"))
             .current_dir(workspace_root())

@@ -1,0 +1,316 @@
+//! Row softmax over a row-major `[rows, cols]` f32 matrix:
+//! `y[r, j] = exp(x[r, j] - m_r) / sum_k exp(x[r, k] - m_r)` with `m_r = max_k x[r, k]`.
+//!
+//! A row of all `-inf` (fully masked) gives zeros, never NaN; a NaN or `+inf` in a row makes
+//! the whole row NaN, as in PyTorch. PTX: `kernels/softmax.ptx`, one warp per row.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result, check_len};
+use crate::launch::{KernelArg, KernelLaunch, LaunchDims};
+
+const KERNEL: &str = "softmax";
+/// Warps (rows) per block of the PTX launch.
+const WARPS_PER_BLOCK: u32 = 4;
+
+/// Checks the shape against the slice lengths; returns `rows * cols`.
+fn check(x: usize, y: usize, rows: usize, cols: usize) -> Result<usize> {
+    let shape = || format!("rows={rows}, cols={cols}");
+    let n = rows.checked_mul(cols).ok_or_else(|| Error::Param {
+        kernel: KERNEL,
+        msg: format!("rows * cols overflows ({})", shape()),
+    })?;
+    check_len(KERNEL, "x", x, n, shape)?;
+    check_len(KERNEL, "y", y, n, shape)?;
+    Ok(n)
+}
+
+/// The f64 reference on f64 data: plain loops, the version to check by eye.
+pub fn reference_f64(x: &[f64], rows: usize, cols: usize) -> Result<Vec<f64>> {
+    let n = check(x.len(), x.len(), rows, cols)?;
+    let mut y = vec![0.0; n];
+    for r in 0..rows {
+        let xr = &x[r * cols..(r + 1) * cols];
+        let yr = &mut y[r * cols..(r + 1) * cols];
+        if xr.iter().any(|v| v.is_nan()) {
+            yr.fill(f64::NAN);
+            continue;
+        }
+        let m = xr.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        if m == f64::NEG_INFINITY {
+            continue; // fully masked row: zeros
+        }
+        let mut sum = 0.0;
+        for j in 0..cols {
+            yr[j] = (xr[j] - m).exp(); // m = +inf gives NaN here, hence a NaN row
+            sum += yr[j];
+        }
+        for v in yr.iter_mut() {
+            *v /= sum;
+        }
+    }
+    Ok(y)
+}
+
+/// The reference with f32 in and out: [`reference_f64`] rounded once.
+pub fn reference(x: &[f32], y: &mut [f32], rows: usize, cols: usize) -> Result<()> {
+    check(x.len(), y.len(), rows, cols)?;
+    let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+    let y64 = reference_f64(&x64, rows, cols)?;
+    for (o, v) in y.iter_mut().zip(y64) {
+        *o = v as f32;
+    }
+    Ok(())
+}
+
+/// The fast CPU path: rows in parallel chunks, 16-lane loops, a polynomial `exp`.
+pub fn cpu(x: &[f32], y: &mut [f32], rows: usize, cols: usize) -> Result<()> {
+    check(x.len(), y.len(), rows, cols)?;
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let rows_per_task = (16 * 1024 / cols).max(1);
+    let simd = simd_level();
+    y.par_chunks_mut(rows_per_task * cols)
+        .zip(x.par_chunks(rows_per_task * cols))
+        .for_each(|(yc, xc)| {
+            simd_call!(simd, rows_generic, rows_avx2, rows_avx512(xc, yc, cols));
+        });
+    Ok(())
+}
+
+/// Softmax of every row of `x` (a whole number of rows) into `y`.
+#[inline(always)]
+fn rows_generic(x: &[f32], y: &mut [f32], cols: usize) {
+    for (xr, yr) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
+        softmax_row(xr, yr);
+    }
+}
+
+simd_variants!(rows_generic => rows_avx2, rows_avx512(x: &[f32], y: &mut [f32], cols: usize));
+
+/// Lanes of the vectorised loops (several accumulators hide the add latency).
+pub(crate) const LANES: usize = 16;
+
+#[inline(always)]
+fn softmax_row(x: &[f32], y: &mut [f32]) {
+    // Max ignoring NaN; a NaN resurfaces through the sum (exp(NaN) = NaN).
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for k in 0..LANES {
+            if c[k] > acc[k] {
+                acc[k] = c[k];
+            }
+        }
+    }
+    let mut m = acc
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for &v in it.remainder() {
+        if v > m {
+            m = v;
+        }
+    }
+    // Fully masked row: shift by 0 so every exp(-inf) is 0 instead of exp(NaN).
+    if m == f32::NEG_INFINITY {
+        m = 0.0;
+    }
+    let mut sums = [0f32; LANES];
+    let mut yi = y.chunks_exact_mut(LANES);
+    let mut xi = x.chunks_exact(LANES);
+    for (yc, xc) in (&mut yi).zip(&mut xi) {
+        for k in 0..LANES {
+            let e = exp_f32(xc[k] - m);
+            yc[k] = e;
+            sums[k] += e;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for (o, &v) in yi.into_remainder().iter_mut().zip(xi.remainder()) {
+        let e = exp_f32(v - m);
+        *o = e;
+        sum += e;
+    }
+    // The sum is 0 only when every entry is -inf: zeros. A NaN sum keeps 1 / NaN = NaN.
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for v in y.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `e^x` in f32 without a libm call, so loops over it vectorise: `2^(x log2 e)` split into an
+/// integer power (built in the exponent bits) and `2^f`, `|f| <= 1/2`, by its degree-6 Taylor
+/// polynomial (truncation error `(ln 2 / 2)^7 / 7! < 1.3e-7` relative). Relative error about
+/// `2e-7 + |x| * 6e-8` (the rounding of `x log2 e`); 0 below `2^-126`, `inf` above `2^128`, NaN
+/// for NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    let t = x * std::f32::consts::LOG2_E;
+    // clamp keeps NaN, which passes through to the polynomial.
+    let t = t.clamp(-127.0, 128.0);
+    // Round to nearest: adding 1.5 * 2^23 pushes the fraction bits out (|t| <= 128).
+    const SHIFT: f32 = 12_582_912.0;
+    let n = (t + SHIFT) - SHIFT;
+    let f = t - n;
+    const C: [f32; 7] = taylor_exp2();
+    let mut p = C[6];
+    p = p * f + C[5];
+    p = p * f + C[4];
+    p = p * f + C[3];
+    p = p * f + C[2];
+    p = p * f + C[1];
+    p = p * f + C[0];
+    // 2^n in the exponent field: n = -127 gives the bit pattern of 0.0, n = 128 that of +inf.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// Taylor coefficients of `2^f = sum (f ln 2)^k / k!`, k = 0..=6.
+const fn taylor_exp2() -> [f32; 7] {
+    let ln2 = std::f64::consts::LN_2;
+    let mut c = [0f32; 7];
+    let mut term = 1.0f64;
+    let mut k = 0;
+    while k < 7 {
+        c[k] = term as f32;
+        term = term * ln2 / (k + 1) as f64;
+        k += 1;
+    }
+    c
+}
+
+/// The widest instruction set the `*_avx2` / `*_avx512` kernel variants may use on this CPU
+/// (the crate is built for baseline x86-64, where the lane loops vectorise only 4 wide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Simd {
+    /// Portable code only.
+    Baseline,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512F, AVX2 and FMA.
+    Avx512,
+}
+
+/// Detects the [`Simd`] level of the running CPU.
+pub(crate) fn simd_level() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+            return Simd::Avx512;
+        }
+        if avx2 {
+            return Simd::Avx2;
+        }
+    }
+    Simd::Baseline
+}
+
+/// Declares `$avx2` and `$avx512`: the `#[inline(always)]` kernel `$generic` compiled with
+/// those target features.
+macro_rules! simd_variants {
+    ($generic:ident => $avx2:ident, $avx512:ident ($($a:ident: $t:ty),* $(,)?)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx2($($a: $t),*) {
+            $generic($($a),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx512($($a: $t),*) {
+            $generic($($a),*)
+        }
+    };
+}
+pub(crate) use simd_variants;
+
+/// Calls the variant of [`simd_variants`] that `$level` (from [`simd_level`]) allows.
+macro_rules! simd_call {
+    ($level:expr, $generic:ident, $avx2:ident, $avx512:ident ($($e:expr),* $(,)?)) => {
+        match $level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: simd_level() returned Avx512 only after detecting AVX-512F, AVX2 and FMA
+            // on this CPU, the only requirement of the target_feature variant.
+            $crate::softmax::Simd::Avx512 => unsafe { $avx512($($e),*) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: simd_level() returned Avx2 only after detecting AVX2 and FMA.
+            $crate::softmax::Simd::Avx2 => unsafe { $avx2($($e),*) },
+            _ => $generic($($e),*),
+        }
+    };
+}
+pub(crate) use simd_call;
+
+/// The PTX launch of `mgm_softmax_fwd_f32`: one warp per row, 4 rows per block.
+pub fn launch<'a>(
+    x: &'a [f32],
+    y: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+) -> Result<KernelLaunch<'a>> {
+    check(x.len(), y.len(), rows, cols)?;
+    let too_big = |what: &str, v: usize| Error::Param {
+        kernel: KERNEL,
+        msg: format!("{what} = {v} does not fit the PTX kernel's u32 indexing"),
+    };
+    let rows32 = u32::try_from(rows).map_err(|_| too_big("rows", rows))?;
+    let cols32 = u32::try_from(cols)
+        .ok()
+        .filter(|&c| c <= u32::MAX - 32)
+        .ok_or_else(|| too_big("cols", cols))?;
+    // At least one block, so an empty problem is still a valid launch (its warps exit at once).
+    let blocks = rows32.div_ceil(WARPS_PER_BLOCK).max(1);
+    Ok(KernelLaunch {
+        family: KERNEL,
+        entry: "mgm_softmax_fwd_f32",
+        dims: LaunchDims {
+            grid: [blocks, 1, 1],
+            block: [32 * WARPS_PER_BLOCK, 1, 1],
+            shared_bytes: 0,
+        },
+        args: vec![
+            KernelArg::input(x),
+            KernelArg::output(y),
+            KernelArg::U32(rows32),
+            KernelArg::U32(cols32),
+        ],
+    })
+}
+
+/// Runs the PTX kernel on the GPU.
+#[cfg(feature = "cuda")]
+pub fn cuda(
+    gpu: &crate::cuda::Gpu,
+    x: &[f32],
+    y: &mut [f32],
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    gpu.run(launch(x, y, rows, cols)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_matches_std_exp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let e = f64::from(x).exp();
+            let rel = ((f64::from(exp_f32(x)) - e) / e).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 8e-6, "exp_f32 relative error {worst:e}");
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(-200.0), 0.0);
+    }
+}
