@@ -132,11 +132,13 @@ fn scale_constant(line: &str) -> Option<String> {
     }
     // A decimal literal: the first token that parses as a float and contains a '.'.
     for tok in code.split(|c: char| c == ',' || c == ';' || c.is_whitespace()) {
-        if tok.contains('.') && !tok.starts_with('.') && !tok.starts_with('%') {
-            if let Ok(v) = tok.parse::<f64>() {
-                let new = format!("{:e}", v * 1.01);
-                return Some(line.replacen(tok, &new, 1));
-            }
+        if tok.contains('.')
+            && !tok.starts_with('.')
+            && !tok.starts_with('%')
+            && let Ok(v) = tok.parse::<f64>()
+        {
+            let new = format!("{:e}", v * 1.01);
+            return Some(line.replacen(tok, &new, 1));
         }
     }
     None
@@ -191,14 +193,15 @@ pub fn mutation_sweep() -> Result<()> {
                 survived.push(format!("{} {}", m.family, m.what));
                 "SURVIVED"
             };
+            // Prefer the executor's fault line ("kernel mgm_..., line ...: shared-memory race"),
+            // else the failed comparison naming the kernel.
             let first = text
                 .lines()
-                .find(|l| {
-                    l.contains(&m.family)
-                        && (l.contains("fault")
-                            || l.contains("error")
-                            || l.contains("race")
-                            || l.contains("panicked"))
+                .find(|l| l.contains("kernel mgm_"))
+                .or_else(|| {
+                    text.lines().find(|l| {
+                        l.contains(&m.family) && !l.starts_with("thread ") && !l.contains("test ")
+                    })
                 })
                 .unwrap_or("")
                 .trim();

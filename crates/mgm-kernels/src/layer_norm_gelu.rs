@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result, check_len};
 use crate::launch::{KernelArg, KernelLaunch, LaunchDims};
 use crate::rms_norm::{block_threads, ptx_shape};
-use crate::softmax::{LANES, exp_f32, simd_call, simd_level, simd_variants};
+use crate::simd::{LANES, exp_f32, simd_call, simd_level, simd_variants};
 
 const KERNEL: &str = "layer_norm_gelu";
 
@@ -1059,7 +1059,7 @@ mod tests {
     /// bit with the portable build, which the property tests do not reach on an AVX-512 host.
     #[test]
     fn simd_variants_match_portable_bit_for_bit() {
-        use crate::softmax::{Simd, simd_level};
+        use crate::simd::{Simd, simd_level};
         let (rows, cols) = (3, 301);
         let x: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)

@@ -3,7 +3,7 @@
 //! Each family (`softmax`, `rms_norm`, `layer_norm_gelu`, `windowed_attention`, `topk_attention`)
 //! has a `reference` (plain loops, f64 accumulation, the version a reader checks by eye), a fast
 //! `cpu` version with the same signature, its hand-written PTX (`kernels/<family>.ptx`, available
-//! as [`ptx::SOURCES`]) with the launch geometry in `launch_dims`, and, behind the `cuda` feature,
+//! as [`ptx::SOURCES`]) with its launch (grid, block, `.param` order) built by `launch`, and, behind the `cuda` feature,
 //! a cudarc launcher. The crate works on slices and knows nothing of `Tensor`.
 //!
 //! ```
@@ -18,6 +18,7 @@
 mod error;
 pub mod launch;
 pub mod ptx;
+mod simd;
 
 pub mod layer_norm_gelu;
 pub mod rms_norm;

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result, check_len};
 use crate::launch::{KernelArg, KernelLaunch, LaunchDims};
-use crate::softmax::{LANES, simd_call, simd_level, simd_variants};
+use crate::simd::{LANES, simd_call, simd_level, simd_variants};
 
 const KERNEL: &str = "rms_norm";
 

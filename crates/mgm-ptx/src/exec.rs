@@ -70,13 +70,11 @@ impl Global<'_> {
                 detail,
             });
         }
-        if write {
-            if let GBuf::In(_) = self.bufs[i].0 {
-                return Err(Fault::StoreToInput {
-                    param: self.bufs[i].1.clone(),
-                    offset: off,
-                });
-            }
+        if write && let GBuf::In(_) = self.bufs[i].0 {
+            return Err(Fault::StoreToInput {
+                param: self.bufs[i].1.clone(),
+                offset: off,
+            });
         }
         Ok((i, off as usize))
     }
@@ -830,7 +828,7 @@ fn run_thread(
             } => {
                 let base = r!(addr).wrapping_add(off as u64);
                 let total = n as u32 * size as u32;
-                if base % total as u64 != 0 {
+                if !base.is_multiple_of(total as u64) {
                     let sp = if space == Space::Global {
                         "global"
                     } else {
@@ -879,7 +877,7 @@ fn run_thread(
             } => {
                 let base = r!(addr).wrapping_add(off as u64);
                 let total = n as u32 * size as u32;
-                if base % total as u64 != 0 {
+                if !base.is_multiple_of(total as u64) {
                     let sp = if space == Space::Global {
                         "global"
                     } else {
@@ -931,7 +929,7 @@ fn run_thread(
             } => {
                 let a = r!(addr).wrapping_add(off as u64);
                 let size = ty.bytes();
-                if a % size as u64 != 0 {
+                if !a.is_multiple_of(size as u64) {
                     let sp = if space == Space::Global {
                         "global"
                     } else {
@@ -1300,21 +1298,21 @@ pub(crate) fn run(
             launch.grid
         )));
     }
-    if let Some(r) = k.reqntid {
-        if r != launch.block {
-            return Err(args_err(format!(
-                "block {:?} does not match .reqntid {r:?}",
-                launch.block
-            )));
-        }
+    if let Some(r) = k.reqntid
+        && r != launch.block
+    {
+        return Err(args_err(format!(
+            "block {:?} does not match .reqntid {r:?}",
+            launch.block
+        )));
     }
-    if let Some(m) = k.maxntid {
-        if nthreads > m[0] as u64 * m[1] as u64 * m[2] as u64 {
-            return Err(args_err(format!(
-                "block {:?} exceeds .maxntid {m:?}",
-                launch.block
-            )));
-        }
+    if let Some(m) = k.maxntid
+        && nthreads > m[0] as u64 * m[1] as u64 * m[2] as u64
+    {
+        return Err(args_err(format!(
+            "block {:?} exceeds .maxntid {m:?}",
+            launch.block
+        )));
     }
     if args.len() != k.params.len() {
         return Err(args_err(format!(

@@ -914,10 +914,11 @@ impl<'l> KernelBuilder<'l> {
             }
             text.push_str(x.text);
         }
-        if let [a, b, ..] = t {
-            if matches!(a.kind, Kind::Ident | Kind::Num) && b.kind == Kind::Ident {
-                return Err(self.err(a.line, format!("missing `;` after `{}`", a.text)));
-            }
+        if let [a, b, ..] = t
+            && matches!(a.kind, Kind::Ident | Kind::Num)
+            && b.kind == Kind::Ident
+        {
+            return Err(self.err(a.line, format!("missing `;` after `{}`", a.text)));
         }
         let bad = || self.err(line, format!("cannot parse operand `{text}`"));
         let is = |k: usize, c: char| t.get(k).is_some_and(|x| x.kind == Kind::Punct(c));
@@ -1806,10 +1807,10 @@ impl<'l> KernelBuilder<'l> {
             }
             return Ok((s, *off));
         }
-        if space == Space::Shared {
-            if let Some(s) = self.symbol(base, ms) {
-                return Ok((s, *off));
-            }
+        if space == Space::Shared
+            && let Some(s) = self.symbol(base, ms)
+        {
+            return Ok((s, *off));
         }
         if self.params.iter().any(|p| p.name == *base) {
             return Err(self.err(

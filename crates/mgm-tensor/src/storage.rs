@@ -48,7 +48,10 @@ impl MappedBuffer {
     ) -> Option<Self> {
         let ptr = map.as_ptr() as usize + start;
         let size = dtype.size_in_bytes();
-        if ptr % size != 0 || len_bytes % size != 0 || start + len_bytes > map.len() {
+        if !ptr.is_multiple_of(size)
+            || !len_bytes.is_multiple_of(size)
+            || start + len_bytes > map.len()
+        {
             return None;
         }
         Some(MappedBuffer {
@@ -125,7 +128,7 @@ impl CpuStorage {
     /// Builds owned storage of `dtype` from little-endian bytes (copying).
     pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Result<Self> {
         let size = dtype.size_in_bytes();
-        if bytes.len() % size != 0 {
+        if !bytes.len().is_multiple_of(size) {
             return Err(Error::invalid_shape(
                 "from_bytes",
                 &[bytes.len()],

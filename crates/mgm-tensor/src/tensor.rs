@@ -67,10 +67,10 @@ impl std::fmt::Debug for Tensor {
             f.write_str(", tracked")?;
         }
         let n = self.numel();
-        if n <= 16 {
-            if let Ok(v) = self.to_vec_f64() {
-                write!(f, ", {v:?}")?;
-            }
+        if n <= 16
+            && let Ok(v) = self.to_vec_f64()
+        {
+            write!(f, ", {v:?}")?;
         }
         f.write_str("]")
     }

@@ -33,7 +33,7 @@ fn exact_values(seed: u64, n: usize, dtype: DType) -> Vec<f64> {
 /// Writes a raw safetensors file from a header JSON string and a data section.
 fn write_raw(path: &Path, header: &str, data: &[u8]) {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();

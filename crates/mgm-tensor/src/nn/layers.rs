@@ -44,15 +44,15 @@ impl Linear {
                 "weight must be [out_features, in_features]",
             ));
         }
-        if let Some(b) = &bias {
-            if b.shape() != [ws[0]] {
-                return Err(Error::shape_mismatch(
-                    "Linear",
-                    &ws,
-                    &b.shape(),
-                    format!("bias must be [{}]", ws[0]),
-                ));
-            }
+        if let Some(b) = &bias
+            && b.shape() != [ws[0]]
+        {
+            return Err(Error::shape_mismatch(
+                "Linear",
+                &ws,
+                &b.shape(),
+                format!("bias must be [{}]", ws[0]),
+            ));
         }
         Ok(Linear { weight, bias })
     }
@@ -276,15 +276,15 @@ impl Conv2d {
                 "weight must be [out_channels, in_channels / groups, kh, kw]",
             ));
         }
-        if let Some(b) = &bias {
-            if b.shape() != [ws[0]] {
-                return Err(Error::shape_mismatch(
-                    "Conv2d",
-                    &ws,
-                    &b.shape(),
-                    format!("bias must be [{}]", ws[0]),
-                ));
-            }
+        if let Some(b) = &bias
+            && b.shape() != [ws[0]]
+        {
+            return Err(Error::shape_mismatch(
+                "Conv2d",
+                &ws,
+                &b.shape(),
+                format!("bias must be [{}]", ws[0]),
+            ));
         }
         Ok(Conv2d {
             weight,
@@ -303,7 +303,7 @@ impl Conv2d {
         bias: bool,
     ) -> Result<Conv2d> {
         let groups = params.groups.max(1);
-        if in_channels % groups != 0 || out_channels % groups != 0 {
+        if !in_channels.is_multiple_of(groups) || !out_channels.is_multiple_of(groups) {
             return Err(Error::invalid_shape(
                 "Conv2d",
                 &[out_channels, in_channels],

@@ -426,15 +426,15 @@ impl VarStore {
         };
         let src = &sources.list[i];
         let t = src.get(full)?;
-        if let Some(shape) = shape {
-            if t.shape() != shape {
-                return Err(Error::ParameterShape {
-                    name: full.to_string(),
-                    expected: shape.to_vec(),
-                    actual: t.shape().to_vec(),
-                    path: src.desc(),
-                });
-            }
+        if let Some(shape) = shape
+            && t.shape() != shape
+        {
+            return Err(Error::ParameterShape {
+                name: full.to_string(),
+                expected: shape.to_vec(),
+                actual: t.shape().to_vec(),
+                path: src.desc(),
+            });
         }
         lock(&self.inner.state).used.insert(full.to_string());
         let t = match dtype {

@@ -175,15 +175,15 @@ fn check_scatter_shapes(
             ));
         }
     }
-    if let Some(src) = other {
-        if src.len() != index.len() || index.iter().zip(src).any(|(i, s)| i > s) {
-            return Err(Error::shape_mismatch(
-                op,
-                index,
-                src,
-                "index must be no larger than src in every dim",
-            ));
-        }
+    if let Some(src) = other
+        && (src.len() != index.len() || index.iter().zip(src).any(|(i, s)| i > s))
+    {
+        return Err(Error::shape_mismatch(
+            op,
+            index,
+            src,
+            "index must be no larger than src in every dim",
+        ));
     }
     Ok(())
 }

@@ -229,7 +229,7 @@ impl Tensor {
             ));
         }
         let resolved: Vec<usize> = if infer == 1 {
-            if known == 0 || self.numel() % known != 0 {
+            if known == 0 || !self.numel().is_multiple_of(known) {
                 return Err(Error::invalid_shape(
                     "reshape",
                     self.shape(),

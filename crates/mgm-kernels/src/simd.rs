@@ -1,0 +1,111 @@
+//! Shared helpers of the fast CPU paths: a vectorisable `exp`, and runtime dispatch to AVX2 /
+//! AVX-512 compilations of the same portable loop (the crate is built for baseline x86-64).
+
+/// Lanes of the vectorised loops (several accumulators hide the add latency).
+pub(crate) const LANES: usize = 16;
+
+/// `e^x` in f32 without a libm call, so loops over it vectorise: `2^(x log2 e)` split into an
+/// integer power (built in the exponent bits) and `2^f`, `|f| <= 1/2`, by its degree-6 Taylor
+/// polynomial (truncation error `(ln 2 / 2)^7 / 7! < 1.3e-7` relative). Relative error about
+/// `2e-7 + |x| * 6e-8` (the rounding of `x log2 e`); 0 below `2^-126`, `inf` above `2^128`, NaN
+/// for NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    let t = x * std::f32::consts::LOG2_E;
+    // clamp keeps NaN, which passes through to the polynomial.
+    let t = t.clamp(-127.0, 128.0);
+    // Round to nearest: adding 1.5 * 2^23 pushes the fraction bits out (|t| <= 128).
+    const SHIFT: f32 = 12_582_912.0;
+    let n = (t + SHIFT) - SHIFT;
+    let f = t - n;
+    const C: [f32; 7] = taylor_exp2();
+    let mut p = C[6];
+    p = p * f + C[5];
+    p = p * f + C[4];
+    p = p * f + C[3];
+    p = p * f + C[2];
+    p = p * f + C[1];
+    p = p * f + C[0];
+    // 2^n in the exponent field: n = -127 gives the bit pattern of 0.0, n = 128 that of +inf.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// Taylor coefficients of `2^f = sum (f ln 2)^k / k!`, k = 0..=6.
+const fn taylor_exp2() -> [f32; 7] {
+    let ln2 = std::f64::consts::LN_2;
+    let mut c = [0f32; 7];
+    let mut term = 1.0f64;
+    let mut k = 0;
+    while k < 7 {
+        c[k] = term as f32;
+        term = term * ln2 / (k + 1) as f64;
+        k += 1;
+    }
+    c
+}
+
+/// The widest instruction set the `*_avx2` / `*_avx512` kernel variants may use on this CPU
+/// (the crate is built for baseline x86-64, where the lane loops vectorise only 4 wide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Simd {
+    /// Portable code only.
+    Baseline,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512F, AVX2 and FMA.
+    Avx512,
+}
+
+/// Detects the [`Simd`] level of the running CPU.
+pub(crate) fn simd_level() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+            return Simd::Avx512;
+        }
+        if avx2 {
+            return Simd::Avx2;
+        }
+    }
+    Simd::Baseline
+}
+
+/// Declares `$avx2` and `$avx512`: the `#[inline(always)]` kernel `$generic` compiled with
+/// those target features.
+macro_rules! simd_variants {
+    ($generic:ident => $avx2:ident, $avx512:ident ($($a:ident: $t:ty),* $(,)?)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx2($($a: $t),*) {
+            $generic($($a),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx512($($a: $t),*) {
+            $generic($($a),*)
+        }
+    };
+}
+pub(crate) use simd_variants;
+
+/// Calls the variant of [`simd_variants`] that `$level` (from [`simd_level`]) allows.
+macro_rules! simd_call {
+    ($level:expr, $generic:ident, $avx2:ident, $avx512:ident ($($e:expr),* $(,)?)) => {
+        match $level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: simd_level() returned Avx512 only after detecting AVX-512F, AVX2 and FMA
+            // on this CPU, the only requirement of the target_feature variant.
+            $crate::simd::Simd::Avx512 => unsafe { $avx512($($e),*) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: simd_level() returned Avx2 only after detecting AVX2 and FMA.
+            $crate::simd::Simd::Avx2 => unsafe { $avx2($($e),*) },
+            _ => $generic($($e),*),
+        }
+    };
+}
+pub(crate) use simd_call;
