@@ -10,6 +10,7 @@
 //! ```
 
 pub mod tensor_composite;
+pub mod vision;
 
 use std::path::PathBuf;
 
@@ -81,13 +82,20 @@ impl Report {
 
     /// A plain-text table: name | elements | max error | tolerance | ok.
     pub fn table(&self) -> String {
+        let w = self
+            .rows
+            .iter()
+            .map(|r| r.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(24);
         let mut s = format!(
-            "{:<24} {:>8} {:>12} {:>10}  ok\n",
+            "{:<w$} {:>8} {:>12} {:>10}  ok\n",
             "quantity", "numel", "max error", "tolerance"
         );
         for r in &self.rows {
             s.push_str(&format!(
-                "{:<24} {:>8} {:>12.3e} {:>10.0e}  {}\n",
+                "{:<w$} {:>8} {:>12.3e} {:>10.0e}  {}\n",
                 r.name,
                 r.numel,
                 r.max_error,

@@ -85,6 +85,32 @@ fn verify() -> Result<()> {
     Ok(())
 }
 
+fn verify_vision() -> Result<()> {
+    let cases = mgm_tests::vision::cases(&mgm_tests::fixtures_dir());
+    println!(
+        "\nvision towers vs transformers/timm ({} fixtures; f32 max abs diff <= {:.0e}, bf16 relative <= {:.0e}):\n",
+        cases.len(),
+        mgm_tests::vision::F32_TOL,
+        mgm_tests::vision::BF16_TOL
+    );
+    let mut report = mgm_tests::Report::default();
+    for dir in &cases {
+        let r =
+            mgm_tests::vision::check(dir).with_context(|| format!("running {}", dir.display()))?;
+        report.rows.extend(r.rows);
+    }
+    print!("{}", report.table());
+    let failures = report.failures();
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} vision outputs exceed their tolerance",
+            failures.len(),
+            report.rows.len()
+        );
+    }
+    Ok(())
+}
+
 fn reference(python: &str) -> Result<()> {
     let root = workspace_root();
     let venv = root.join("target/reference-venv");
@@ -115,6 +141,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Verify { no_mutants } => {
             verify()?;
+            verify_vision()?;
             verify_kernels::property_tests()?;
             if !no_mutants {
                 verify_kernels::mutation_sweep()?;

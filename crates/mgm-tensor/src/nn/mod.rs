@@ -11,8 +11,13 @@
 //! # Ok::<(), mgm_tensor::Error>(())
 //! ```
 
+mod attention;
 mod layers;
 mod var_store;
 
+pub use attention::{
+    MultiHeadAttention, ProjNames, scaled_dot_product_attention,
+    scaled_dot_product_attention_merged,
+};
 pub use layers::{Conv2d, Embedding, LayerNorm, Linear, Module, RmsNorm};
 pub use var_store::{Init, Param, VarStore};

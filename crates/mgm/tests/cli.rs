@@ -1,0 +1,180 @@
+//! `mgm forward` as a user runs it: outputs that match the fixture, and bad input that exits
+//! non-zero with one `error:` line on stderr and writes nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(case)
+}
+
+fn mgm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mgm"))
+        .args(args)
+        .output()
+        .expect("run the mgm binary")
+}
+
+/// Asserts failure with exactly one stderr line starting `error:` and containing every `needle`.
+fn assert_one_error_line(out: &Output, needles: &[&str]) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr should be one line: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` not in: {err}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn forward_writes_transformers_outputs() {
+    let dir = fixture("clip_quick_gelu");
+    let tmp = tempfile::tempdir().unwrap();
+    let out_path = tmp.path().join("out.safetensors");
+    let out = mgm(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--inputs",
+        dir.join("inputs.safetensors").to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = mgm_tensor::safetensors::load(&out_path).unwrap();
+    let want = mgm_tensor::safetensors::load(dir.join("expected.safetensors")).unwrap();
+    let mut names: Vec<_> = want.keys().collect();
+    names.sort();
+    let mut got_names: Vec<_> = got.keys().collect();
+    got_names.sort();
+    assert_eq!(names, got_names, "output names must be transformers'");
+    for name in names {
+        let (a, b) = (
+            got[name].to_vec::<f32>().unwrap(),
+            want[name].to_vec::<f32>().unwrap(),
+        );
+        assert_eq!(got[name].shape(), want[name].shape(), "{name}");
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-4, "{name}: max abs diff {d}");
+    }
+}
+
+#[test]
+fn missing_input_tensor_is_one_error_line_and_no_output() {
+    let dir = fixture("clip_quick_gelu");
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in.safetensors");
+    let t = mgm_tensor::Tensor::zeros(
+        &[1, 3, 30, 30],
+        mgm_tensor::DType::F32,
+        mgm_tensor::Device::Cpu,
+    )
+    .unwrap();
+    mgm_tensor::safetensors::save(&inputs, [("images", &t)]).unwrap();
+    let out_path = tmp.path().join("out.safetensors");
+    let out = mgm(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_one_error_line(&out, &["pixel_values", "missing"]);
+    assert!(!out_path.exists(), "nothing may be written on error");
+}
+
+#[test]
+fn wrong_rank_input_is_an_error() {
+    let dir = fixture("convnext_hf");
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in.safetensors");
+    let t = mgm_tensor::Tensor::zeros(
+        &[3, 32, 32],
+        mgm_tensor::DType::F32,
+        mgm_tensor::Device::Cpu,
+    )
+    .unwrap();
+    mgm_tensor::safetensors::save(&inputs, [("pixel_values", &t)]).unwrap();
+    let out_path = tmp.path().join("out.safetensors");
+    let out = mgm(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_one_error_line(&out, &["pixel_values", "[3, 32, 32]"]);
+    assert!(!out_path.exists());
+}
+
+#[test]
+fn unknown_architecture_lists_the_supported_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        r#"{"architectures": ["WhisperModel"]}"#,
+    )
+    .unwrap();
+    let out = mgm(&["forward", "--model", tmp.path().to_str().unwrap()]);
+    assert_one_error_line(&out, &["WhisperModel", "CLIPVisionModel", "ConvNextModel"]);
+}
+
+#[test]
+fn missing_truncated_weights_and_missing_config_key_name_the_file_or_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    copy_dir(&fixture("clip_gelu"), &model);
+    let inputs = model.join("inputs.safetensors");
+    let args = |m: &Path| {
+        vec![
+            "forward".to_string(),
+            "--model".into(),
+            m.display().to_string(),
+            "--inputs".into(),
+            inputs.display().to_string(),
+        ]
+    };
+    let run = |m: &Path| {
+        let a = args(m);
+        mgm(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Truncated weights.
+    let w = model.join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    assert_one_error_line(&run(&model), &["model.safetensors"]);
+    // Missing weights.
+    std::fs::remove_file(&w).unwrap();
+    assert_one_error_line(&run(&model), &["model.safetensors"]);
+    // Config without a required key.
+    std::fs::write(&w, &bytes).unwrap();
+    let cfg = model.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    assert_one_error_line(&run(&model), &["hidden_size", "config.json"]);
+}
