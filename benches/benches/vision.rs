@@ -6,6 +6,7 @@
 #![allow(missing_docs)]
 #![allow(clippy::print_stdout)] // a bench reports on stdout
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -64,7 +65,18 @@ fn clip_l336() -> ClipVisionModel {
         hidden_act: Activation::QuickGelu,
         layer_norm_eps: 1e-5,
     };
-    ClipVisionModel::load(&VarStore::new_trainable(1), &cfg).expect("random CLIP ViT-L/14-336")
+    // Random weights come from a trainable store; the model is then loaded again from those
+    // values as a frozen checkpoint, the way a user loads real weights (frozen projections take
+    // the inference path: transposed once, bias folded into the gemm).
+    let random = VarStore::new_trainable(1);
+    ClipVisionModel::load(&random, &cfg).expect("random CLIP ViT-L/14-336");
+    let frozen: HashMap<String, Tensor> = random
+        .all_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().detach()))
+        .collect();
+    let vs = VarStore::from_tensors(frozen).expect("frozen store");
+    ClipVisionModel::load(&vs, &cfg).expect("CLIP ViT-L/14-336 from random weights")
 }
 
 fn convnext_l() -> ConvNextModel {
