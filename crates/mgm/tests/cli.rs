@@ -178,3 +178,53 @@ fn missing_truncated_weights_and_missing_config_key_name_the_file_or_key() {
     std::fs::write(&cfg, v.to_string()).unwrap();
     assert_one_error_line(&run(&model), &["hidden_size", "config.json"]);
 }
+
+#[test]
+fn image_size_the_model_cannot_take_is_an_error() {
+    // clip_quick_gelu has image_size 30 with patch 6; 31 px is neither the trained size nor a
+    // multiple of the patch.
+    let dir = fixture("clip_quick_gelu");
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in.safetensors");
+    let t = mgm_tensor::Tensor::zeros(
+        &[1, 3, 31, 31],
+        mgm_tensor::DType::F32,
+        mgm_tensor::Device::Cpu,
+    )
+    .unwrap();
+    mgm_tensor::safetensors::save(&inputs, [("pixel_values", &t)]).unwrap();
+    let out_path = tmp.path().join("out.safetensors");
+    let out = mgm(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_one_error_line(&out, &["31"]);
+    assert!(!out_path.exists());
+}
+
+#[test]
+fn wrong_dtype_input_is_an_error() {
+    let dir = fixture("convnext_hf");
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in.safetensors");
+    let t = mgm_tensor::Tensor::zeros(
+        &[1, 3, 32, 32],
+        mgm_tensor::DType::F16,
+        mgm_tensor::Device::Cpu,
+    )
+    .unwrap();
+    mgm_tensor::safetensors::save(&inputs, [("pixel_values", &t)]).unwrap();
+    let out = mgm(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+    ]);
+    assert_one_error_line(&out, &["pixel_values", "f32"]);
+}
