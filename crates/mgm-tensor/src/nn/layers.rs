@@ -3,6 +3,9 @@
 //! inference (frozen tensors from a checkpoint) and training (`Var`s read at every forward), and
 //! each loads by the checkpoint's own names (`weight`, `bias`) through a [`VarStore`] handle.
 
+use rayon::prelude::*;
+
+use crate::autograd::needs_grad;
 use crate::nn::{Init, Param, VarStore};
 use crate::{Conv2dParams, DType, Error, Result, Tensor};
 
@@ -54,6 +57,14 @@ impl Linear {
                 format!("bias must be [{}]", ws[0]),
             ));
         }
+        // A frozen weight is kept as a transposed view of a contiguous `[in, out]` copy: gemm
+        // multiplies that layout about 40% faster than the checkpoint's `[out, in]` read through
+        // a transposed view (203 vs 142 GFLOP/s for CLIP-L's 577 x 1024 x 1024), and only the
+        // copy stays resident (the mmapped original is not read again).
+        let weight = match weight {
+            Param::Frozen(w) if !w.t()?.is_contiguous() => Param::Frozen(w.t()?.contiguous()?.t()?),
+            other => other,
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -98,12 +109,91 @@ impl Module for Linear {
                 format!("input's last dim must be in_features = {in_features}"),
             ));
         }
-        let y = x.matmul(&w.t()?)?;
-        match &self.bias {
-            Some(b) => y.add(&b.tensor()),
+        let wt = w.t()?;
+        let bias = self.bias.as_ref().map(Param::tensor);
+        let frozen = matches!(self.weight, Param::Frozen(_))
+            && self
+                .bias
+                .as_ref()
+                .is_none_or(|b| matches!(b, Param::Frozen(_)));
+        let fused = frozen
+            && x.dtype() == DType::F32
+            && wt.dtype() == DType::F32
+            && wt.is_contiguous()
+            && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32)
+            && !needs_grad(&[x]);
+        if fused {
+            return frozen_f32_forward(x, &wt, bias.as_ref());
+        }
+        let y = x.matmul(&wt)?;
+        match bias {
+            Some(b) => y.add(&b),
             None => Ok(y),
         }
     }
+}
+
+/// `x W^T + b` for a frozen f32 layer outside autograd: one gemm into rows pre-filled with the
+/// bias (gemm accumulates onto them), instead of a matmul and a separate broadcast add.
+fn frozen_f32_forward(x: &Tensor, wt: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (k, n) = (wt.shape()[0], wt.shape()[1]);
+    let x = x.contiguous()?;
+    let rows = x.numel() / k.max(1);
+    let xs = x
+        .as_contiguous_slice::<f32>()?
+        .expect("contiguous f32 input");
+    let ws = wt
+        .as_contiguous_slice::<f32>()?
+        .expect("contiguous f32 weight");
+    let mut out = vec![0f32; rows * n];
+    let read_dst = match bias {
+        Some(b) => {
+            let b = b.contiguous()?;
+            let bs = b
+                .as_contiguous_slice::<f32>()?
+                .expect("contiguous f32 bias");
+            out.par_chunks_mut(n.max(1))
+                .for_each(|r| r.copy_from_slice(bs));
+            true
+        }
+        None => false,
+    };
+    if rows > 0 && n > 0 && k > 0 {
+        let par = if rows * n * k >= 1 << 18 {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: `xs` is rows x k, `ws` k x n and `out` rows x n, all contiguous
+        // row-major buffers of exactly those sizes owned or borrowed here; gemm reads and
+        // writes within them and `out` is not aliased.
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                read_dst,
+                xs.as_ptr(),
+                1,
+                k as isize,
+                ws.as_ptr(),
+                1,
+                n as isize,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank checked above") = n;
+    Tensor::from_vec(out, &shape)
 }
 
 /// A lookup table of `[vocab, dim]` rows, like `torch.nn.Embedding`.
