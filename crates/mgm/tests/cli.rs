@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use mgm_tensor::{DType, Device, Tensor};
+
 fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures")
@@ -78,18 +80,14 @@ fn forward_writes_transformers_outputs() {
     }
 }
 
-#[test]
-fn missing_input_tensor_is_one_error_line_and_no_output() {
-    let dir = fixture("clip_quick_gelu");
+/// Runs `mgm forward` on `case` with one input tensor `name` of `shape`/`dtype` (zeros) and an
+/// output path; returns the process output and whether the output file exists afterwards.
+fn forward_with_input(case: &str, name: &str, shape: &[usize], dtype: DType) -> (Output, bool) {
+    let dir = fixture(case);
     let tmp = tempfile::tempdir().unwrap();
     let inputs = tmp.path().join("in.safetensors");
-    let t = mgm_tensor::Tensor::zeros(
-        &[1, 3, 30, 30],
-        mgm_tensor::DType::F32,
-        mgm_tensor::Device::Cpu,
-    )
-    .unwrap();
-    mgm_tensor::safetensors::save(&inputs, [("images", &t)]).unwrap();
+    let t = Tensor::zeros(shape, dtype, Device::Cpu).unwrap();
+    mgm_tensor::safetensors::save(&inputs, [(name, &t)]).unwrap();
     let out_path = tmp.path().join("out.safetensors");
     let out = mgm(&[
         "forward",
@@ -100,34 +98,46 @@ fn missing_input_tensor_is_one_error_line_and_no_output() {
         "--output",
         out_path.to_str().unwrap(),
     ]);
+    let written = out_path.exists();
+    (out, written)
+}
+
+#[test]
+fn missing_input_tensor_is_one_error_line_and_no_output() {
+    let (out, written) =
+        forward_with_input("clip_quick_gelu", "images", &[1, 3, 30, 30], DType::F32);
     assert_one_error_line(&out, &["pixel_values", "missing"]);
-    assert!(!out_path.exists(), "nothing may be written on error");
+    assert!(!written, "nothing may be written on error");
 }
 
 #[test]
 fn wrong_rank_input_is_an_error() {
-    let dir = fixture("convnext_hf");
-    let tmp = tempfile::tempdir().unwrap();
-    let inputs = tmp.path().join("in.safetensors");
-    let t = mgm_tensor::Tensor::zeros(
-        &[3, 32, 32],
-        mgm_tensor::DType::F32,
-        mgm_tensor::Device::Cpu,
-    )
-    .unwrap();
-    mgm_tensor::safetensors::save(&inputs, [("pixel_values", &t)]).unwrap();
-    let out_path = tmp.path().join("out.safetensors");
-    let out = mgm(&[
-        "forward",
-        "--model",
-        dir.to_str().unwrap(),
-        "--inputs",
-        inputs.to_str().unwrap(),
-        "--output",
-        out_path.to_str().unwrap(),
-    ]);
+    let (out, written) =
+        forward_with_input("convnext_hf", "pixel_values", &[3, 32, 32], DType::F32);
     assert_one_error_line(&out, &["pixel_values", "[3, 32, 32]"]);
-    assert!(!out_path.exists());
+    assert!(!written);
+}
+
+#[test]
+fn image_size_the_model_cannot_take_is_an_error() {
+    // clip_quick_gelu has image_size 30 with patch 6; 31 px is neither the trained size nor a
+    // multiple of the patch.
+    let (out, written) = forward_with_input(
+        "clip_quick_gelu",
+        "pixel_values",
+        &[1, 3, 31, 31],
+        DType::F32,
+    );
+    assert_one_error_line(&out, &["31"]);
+    assert!(!written);
+}
+
+#[test]
+fn wrong_dtype_input_is_an_error() {
+    let (out, written) =
+        forward_with_input("convnext_hf", "pixel_values", &[1, 3, 32, 32], DType::F16);
+    assert_one_error_line(&out, &["pixel_values", "f32"]);
+    assert!(!written);
 }
 
 #[test]
@@ -177,54 +187,4 @@ fn missing_truncated_weights_and_missing_config_key_name_the_file_or_key() {
     v.as_object_mut().unwrap().remove("hidden_size");
     std::fs::write(&cfg, v.to_string()).unwrap();
     assert_one_error_line(&run(&model), &["hidden_size", "config.json"]);
-}
-
-#[test]
-fn image_size_the_model_cannot_take_is_an_error() {
-    // clip_quick_gelu has image_size 30 with patch 6; 31 px is neither the trained size nor a
-    // multiple of the patch.
-    let dir = fixture("clip_quick_gelu");
-    let tmp = tempfile::tempdir().unwrap();
-    let inputs = tmp.path().join("in.safetensors");
-    let t = mgm_tensor::Tensor::zeros(
-        &[1, 3, 31, 31],
-        mgm_tensor::DType::F32,
-        mgm_tensor::Device::Cpu,
-    )
-    .unwrap();
-    mgm_tensor::safetensors::save(&inputs, [("pixel_values", &t)]).unwrap();
-    let out_path = tmp.path().join("out.safetensors");
-    let out = mgm(&[
-        "forward",
-        "--model",
-        dir.to_str().unwrap(),
-        "--inputs",
-        inputs.to_str().unwrap(),
-        "--output",
-        out_path.to_str().unwrap(),
-    ]);
-    assert_one_error_line(&out, &["31"]);
-    assert!(!out_path.exists());
-}
-
-#[test]
-fn wrong_dtype_input_is_an_error() {
-    let dir = fixture("convnext_hf");
-    let tmp = tempfile::tempdir().unwrap();
-    let inputs = tmp.path().join("in.safetensors");
-    let t = mgm_tensor::Tensor::zeros(
-        &[1, 3, 32, 32],
-        mgm_tensor::DType::F16,
-        mgm_tensor::Device::Cpu,
-    )
-    .unwrap();
-    mgm_tensor::safetensors::save(&inputs, [("pixel_values", &t)]).unwrap();
-    let out = mgm(&[
-        "forward",
-        "--model",
-        dir.to_str().unwrap(),
-        "--inputs",
-        inputs.to_str().unwrap(),
-    ]);
-    assert_one_error_line(&out, &["pixel_values", "f32"]);
 }
