@@ -853,33 +853,16 @@ pub fn launch<'a>(
     rstd: &'a mut [f32],
     p: Params,
 ) -> Result<KernelLaunch<'a>> {
-    check_fwd(
-        x.len(),
-        gamma.len(),
-        beta.len(),
-        y.len(),
-        mean.len(),
-        rstd.len(),
-        &p,
-    )?;
-    let (rows, cols) = ptx_shape(KERNEL, p.rows, p.cols)?;
-    Ok(KernelLaunch {
-        family: KERNEL,
-        entry: "mgm_layer_norm_gelu_fwd_f32",
-        dims: dims(rows, cols),
-        args: vec![
-            KernelArg::input(x),
-            KernelArg::input(gamma),
-            KernelArg::input(beta),
-            KernelArg::output(y),
-            KernelArg::output(mean),
-            KernelArg::output(rstd),
-            KernelArg::U32(rows),
-            KernelArg::U32(cols),
-            KernelArg::F32(p.eps),
-            KernelArg::U32(gelu_flag(p.gelu)),
-        ],
-    })
+    launch_fwd(
+        "mgm_layer_norm_gelu_fwd_f32",
+        x,
+        gamma,
+        beta,
+        y,
+        mean,
+        rstd,
+        p,
+    )
 }
 
 /// The PTX launch of `mgm_layer_norm_gelu_fwd_bf16`: one block per row.
@@ -888,6 +871,30 @@ pub fn launch_bf16<'a>(
     gamma: &'a [f32],
     beta: &'a [f32],
     y: &'a mut [bf16],
+    mean: &'a mut [f32],
+    rstd: &'a mut [f32],
+    p: Params,
+) -> Result<KernelLaunch<'a>> {
+    launch_fwd(
+        "mgm_layer_norm_gelu_fwd_bf16",
+        x,
+        gamma,
+        beta,
+        y,
+        mean,
+        rstd,
+        p,
+    )
+}
+
+/// The two forward entries share their `.param` list; only the element type of x and y differs.
+#[allow(clippy::too_many_arguments)] // the forward's slices plus the entry name
+fn launch_fwd<'a, T: bytemuck::Pod>(
+    entry: &'static str,
+    x: &'a [T],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    y: &'a mut [T],
     mean: &'a mut [f32],
     rstd: &'a mut [f32],
     p: Params,
@@ -904,7 +911,7 @@ pub fn launch_bf16<'a>(
     let (rows, cols) = ptx_shape(KERNEL, p.rows, p.cols)?;
     Ok(KernelLaunch {
         family: KERNEL,
-        entry: "mgm_layer_norm_gelu_fwd_bf16",
+        entry,
         dims: dims(rows, cols),
         args: vec![
             KernelArg::input(x),
