@@ -16,6 +16,9 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::activation::{
+    SQRT_2_OVER_PI, TANH_CUBIC, cdf_and_gauss, erf_f64, gelu_erf_f32, gelu_tanh_f32,
+};
 use crate::error::{Error, Result, check_len};
 use crate::launch::{KernelArg, KernelLaunch, LaunchDims};
 use crate::rms_norm::{block_threads, ptx_shape};
@@ -150,22 +153,6 @@ fn check_bwd(
 
 // ---------------------------------------------------------------------------------------------
 // Reference: f64, plain loops.
-
-/// erf by its everywhere-convergent series of positive terms,
-/// `erf z = 2/sqrt(pi) e^(-z^2) sum_n 2^n z^(2n+1) / (1 * 3 * ... * (2n+1))` (A&S 7.1.6): no
-/// cancellation, so about 1e-15 relative in f64; `|z| >= 6` returns +-1 (erfc(6) < 3e-17).
-fn erf_f64(z: f64) -> f64 {
-    if z.abs() >= 6.0 {
-        return z.signum();
-    }
-    let (mut term, mut sum, mut n) = (z, z, 0.0);
-    while term.abs() > 1e-17 * sum.abs() {
-        n += 1.0;
-        term *= 2.0 * z * z / (2.0 * n + 1.0);
-        sum += term;
-    }
-    2.0 / std::f64::consts::PI.sqrt() * (-z * z).exp() * sum
-}
 
 fn gelu_f64(h: f64, g: Gelu) -> f64 {
     match g {
@@ -366,47 +353,6 @@ pub fn reference_bwd(
 
 // ---------------------------------------------------------------------------------------------
 // Fast CPU path.
-
-/// Abramowitz & Stegun 7.1.26, with the PTX kernel's f32 constants bit for bit:
-/// `erfc(a) ~= P(t) e^(-a^2)`, `t = 1 / (1 + p a)`; `|error| <= 1.5e-7` with the published
-/// decimal constants (1.46e-7 once rounded to f32).
-const AS_P: f32 = f32::from_bits(0x3EA7_BA05); // 0.3275911
-const AS_A: [f32; 5] = [
-    f32::from_bits(0x3E82_7906), // a1 = 0.254829592
-    f32::from_bits(0xBE91_A98E), // a2 = -0.284496736
-    f32::from_bits(0x3FB5_F0E3), // a3 = 1.421413741
-    f32::from_bits(0xBFBA_00E3), // a4 = -1.453152027
-    f32::from_bits(0x3F87_DC22), // a5 = 1.061405429
-];
-/// `sqrt(2 / pi)`.
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-const TANH_CUBIC: f32 = 0.044_715;
-
-/// `(Phi(h), exp(-h^2 / 2))` in f32 without libm calls (so loops over it vectorise).
-#[inline(always)]
-fn cdf_and_gauss(h: f32) -> (f32, f32) {
-    let z = h * std::f32::consts::FRAC_1_SQRT_2;
-    let a = z.abs();
-    let t = 1.0 / (1.0 + AS_P * a);
-    let poly = ((((AS_A[4] * t + AS_A[3]) * t + AS_A[2]) * t + AS_A[1]) * t + AS_A[0]) * t;
-    let e = exp_f32(-(a * a));
-    let half_q = 0.5 * poly * e;
-    // Phi(h) = 1 - erfc(a) / 2 for h >= 0 and erfc(a) / 2 for h < 0 (no cancellation there).
-    let cdf = if z >= 0.0 { 1.0 - half_q } else { half_q };
-    (cdf, e)
-}
-
-#[inline(always)]
-fn gelu_erf_f32(h: f32) -> f32 {
-    h * cdf_and_gauss(h).0
-}
-
-/// `h / (1 + exp(-2u))` = `0.5 h (1 + tanh u)`.
-#[inline(always)]
-fn gelu_tanh_f32(h: f32) -> f32 {
-    let u = SQRT_2_OVER_PI * (h + TANH_CUBIC * h * h * h);
-    h / (1.0 + exp_f32(-2.0 * u))
-}
 
 #[inline(always)]
 fn gelu_grad_f32(h: f32, g: Gelu) -> f32 {
@@ -1026,40 +972,6 @@ pub fn cuda_bwd(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn erf_f64_matches_tabulated_values() {
-        // erf at 0.5, 1, 2, 3 (A&S table 7.1 / any CAS), to 16 digits.
-        for (z, e) in [
-            (0.5, 0.520_499_877_813_046_5),
-            (1.0, 0.842_700_792_949_714_9),
-            (2.0, 0.995_322_265_018_952_7),
-            (3.0, 0.999_977_909_503_001_4),
-        ] {
-            assert!((erf_f64(z) - e).abs() < 1e-15, "erf({z}) = {}", erf_f64(z));
-            assert!((erf_f64(-z) + e).abs() < 1e-15);
-        }
-        assert_eq!(erf_f64(0.0), 0.0);
-        assert_eq!(erf_f64(7.0), 1.0);
-    }
-
-    #[test]
-    fn as_7_1_26_error_is_within_its_bound() {
-        // The stated 1.5e-7 bound of the PTX and fast-CPU erf, evaluated in f64.
-        let p = f64::from(AS_P);
-        let mut worst = 0f64;
-        for i in 0..=80_000 {
-            let a = f64::from(i) * 1e-4;
-            let t = 1.0 / (1.0 + p * a);
-            let mut poly = 0.0;
-            for &c in AS_A.iter().rev() {
-                poly = poly * t + f64::from(c);
-            }
-            let approx = 1.0 - poly * t * (-a * a).exp();
-            worst = worst.max((approx - erf_f64(a)).abs());
-        }
-        assert!(worst < 1.5e-7, "A&S 7.1.26 max error {worst:e}");
-    }
 
     /// The SIMD variants are the same source compiled with wider vectors: with the reduction
     /// order fixed by the lane arrays (and no FMA contraction in Rust) they must agree bit for

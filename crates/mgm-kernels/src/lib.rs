@@ -4,7 +4,10 @@
 //! has a `reference` (plain loops, f64 accumulation, the version a reader checks by eye), a fast
 //! `cpu` version with the same signature, its hand-written PTX (`kernels/<family>.ptx`, available
 //! as [`ptx::SOURCES`]) with its launch (grid, block, `.param` order) built by `launch`, and, behind the `cuda` feature,
-//! a cudarc launcher. The crate works on slices and knows nothing of `Tensor`.
+//! a cudarc launcher. [`gemm`] is the f32 matrix multiply under every linear layer and attention
+//! (reference, portable, AVX-512 and AMX-BF16 backends, fused bias/activation/residual
+//! epilogue; no PTX yet), and [`activation`] the pointwise functions the kernels fuse. The
+//! crate works on slices and knows nothing of `Tensor`.
 //!
 //! ```
 //! use mgm_kernels::softmax;
@@ -15,11 +18,13 @@
 //! # Ok::<(), mgm_kernels::Error>(())
 //! ```
 
+pub mod activation;
 mod error;
 pub mod launch;
 pub mod ptx;
 mod simd;
 
+pub mod gemm;
 pub mod layer_norm_gelu;
 pub mod rms_norm;
 pub mod softmax;

@@ -16,9 +16,10 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let t = t.clamp(-127.0, 128.0);
     // Round to nearest: adding 1.5 * 2^23 pushes the fraction bits out (|t| <= 128).
     const SHIFT: f32 = 12_582_912.0;
-    let n = (t + SHIFT) - SHIFT;
+    let shifted = t + SHIFT;
+    let n = shifted - SHIFT;
     let f = t - n;
-    const C: [f32; 7] = taylor_exp2();
+    const C: [f32; 7] = TAYLOR_EXP2;
     let mut p = C[6];
     p = p * f + C[5];
     p = p * f + C[4];
@@ -27,11 +28,17 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * f + C[1];
     p = p * f + C[0];
     // 2^n in the exponent field: n = -127 gives the bit pattern of 0.0, n = 128 that of +inf.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n is read from the low mantissa bits of `shifted` (integer ops, so the loop
+    // vectorises; `n as i32` would be a scalar saturating conversion per element).
+    let n_bits = shifted.to_bits().wrapping_sub(SHIFT.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     p * scale
 }
 
-/// Taylor coefficients of `2^f = sum (f ln 2)^k / k!`, k = 0..=6.
+/// Taylor coefficients of `2^f = sum (f ln 2)^k / k!`, k = 0..=6, as [`exp_f32`] uses them.
+pub(crate) const TAYLOR_EXP2: [f32; 7] = taylor_exp2();
+
+/// Computes [`TAYLOR_EXP2`].
 const fn taylor_exp2() -> [f32; 7] {
     let ln2 = std::f64::consts::LN_2;
     let mut c = [0f32; 7];

@@ -92,9 +92,21 @@ simd_variants!(rows_generic => rows_avx2, rows_avx512(x: &[f32], y: &mut [f32], 
 
 #[inline(always)]
 fn softmax_row(x: &[f32], y: &mut [f32]) {
+    y.copy_from_slice(x);
+    let inv = exp_shifted_inplace(y);
+    for v in y.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// The unnormalised half of a row softmax, in place: `row[j] = exp(row[j] - max)`; returns
+/// `1 / sum` (0 for a fully masked row, whose entries all become 0; NaN when the row holds a
+/// NaN or `+inf`). The caller scales by it, or folds the scaling into its next pass.
+#[inline(always)]
+pub(crate) fn exp_shifted_inplace(row: &mut [f32]) -> f32 {
     // Max ignoring NaN; a NaN resurfaces through the sum (exp(NaN) = NaN).
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut it = x.chunks_exact(LANES);
+    let mut it = row.chunks_exact(LANES);
     for c in &mut it {
         for k in 0..LANES {
             if c[k] > acc[k] {
@@ -115,26 +127,22 @@ fn softmax_row(x: &[f32], y: &mut [f32]) {
         m = 0.0;
     }
     let mut sums = [0f32; LANES];
-    let mut yi = y.chunks_exact_mut(LANES);
-    let mut xi = x.chunks_exact(LANES);
-    for (yc, xc) in (&mut yi).zip(&mut xi) {
+    let mut ri = row.chunks_exact_mut(LANES);
+    for c in &mut ri {
         for k in 0..LANES {
-            let e = exp_f32(xc[k] - m);
-            yc[k] = e;
+            let e = exp_f32(c[k] - m);
+            c[k] = e;
             sums[k] += e;
         }
     }
     let mut sum: f32 = sums.iter().sum();
-    for (o, &v) in yi.into_remainder().iter_mut().zip(xi.remainder()) {
-        let e = exp_f32(v - m);
-        *o = e;
+    for v in ri.into_remainder() {
+        let e = exp_f32(*v - m);
+        *v = e;
         sum += e;
     }
     // The sum is 0 only when every entry is -inf: zeros. A NaN sum keeps 1 / NaN = NaN.
-    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for v in y.iter_mut() {
-        *v *= inv;
-    }
+    if sum == 0.0 { 0.0 } else { 1.0 / sum }
 }
 
 /// The PTX launch of `mgm_softmax_fwd_f32`: one warp per row, 4 rows per block.
