@@ -160,6 +160,9 @@ pub enum Error {
         /// The checkpoint file.
         path: String,
     },
+    /// A compute kernel rejected its arguments (names the kernel and the sizes).
+    #[error(transparent)]
+    Kernel(#[from] mgm_kernels::Error),
 }
 
 fn detail_suffix(detail: &str) -> String {

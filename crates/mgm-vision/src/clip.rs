@@ -19,40 +19,10 @@ use mgm_tensor::{DType, InterpolateMode, Tensor};
 use serde::Deserialize;
 
 use crate::config::{read_json, required};
-use crate::fused;
 use crate::{Error, Result};
 
-/// The activation of the MLP (`hidden_act`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `x * sigmoid(1.702 x)` (`quick_gelu`, OpenAI CLIP).
-    QuickGelu,
-    /// Exact GELU with erf (`gelu`).
-    Gelu,
-    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
-    GeluTanh,
-}
-
-impl Activation {
-    /// Parses transformers' `hidden_act` name.
-    pub fn from_name(name: &str) -> Option<Activation> {
-        match name {
-            "quick_gelu" => Some(Activation::QuickGelu),
-            "gelu" => Some(Activation::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
-            _ => None,
-        }
-    }
-
-    /// Applies the activation.
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Activation::QuickGelu => x.quick_gelu()?,
-            Activation::Gelu => x.gelu()?,
-            Activation::GeluTanh => x.gelu_tanh()?,
-        })
-    }
-}
+/// The activation of the MLP (`hidden_act`): mgm-tensor's fused activations.
+pub use mgm_tensor::nn::Activation;
 
 /// The vision tower's hyper-parameters (`CLIPVisionConfig`).
 #[derive(Clone, Debug, PartialEq)]
@@ -126,12 +96,12 @@ impl ClipVisionConfig {
             msg,
         };
         let act_name = v.hidden_act.unwrap_or_else(|| "quick_gelu".to_string());
-        let hidden_act = Activation::from_name(&act_name).ok_or_else(|| {
+        let hidden_act = Activation::from_hf_name(&act_name).ok_or_else(|| {
             bad(
                 "hidden_act",
                 format!(
                     "unknown activation {act_name:?} (supported: quick_gelu, gelu, gelu_new, \
-                     gelu_pytorch_tanh, gelu_fast)"
+                     gelu_pytorch_tanh, gelu_fast, silu, relu)"
                 ),
             )
         })?;
@@ -178,15 +148,6 @@ impl ClipVisionConfig {
     }
 }
 
-/// The `[in, out]` weight (a contiguous view: `Linear` keeps frozen weights that way) and the
-/// bias of a frozen layer, for the fused bias + activation / bias + residual passes.
-fn frozen_parts(l: &Linear) -> Result<Option<(Tensor, Tensor)>> {
-    Ok(match (l.weight(), l.bias()) {
-        (Param::Frozen(w), Some(Param::Frozen(b))) => Some((w.t()?, b.clone())),
-        _ => None,
-    })
-}
-
 /// One pre-norm transformer block.
 #[derive(Clone, Debug)]
 struct EncoderLayer {
@@ -218,19 +179,12 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.layer_norm1.forward(x)?)?;
-        let x = x.add(&h)?;
+        let x = self
+            .self_attn
+            .forward_residual(&self.layer_norm1.forward(x)?, None, Some(x))?;
         let h = self.layer_norm2.forward(&x)?;
-        let h = match (frozen_parts(&self.fc1)?, self.act) {
-            (Some((wt, bias)), Activation::QuickGelu) => {
-                fused::bias_quick_gelu(&h.matmul(&wt)?, &bias)?
-            }
-            _ => self.act.apply(&self.fc1.forward(&h)?)?,
-        };
-        match frozen_parts(&self.fc2)? {
-            Some((wt, bias)) => fused::bias_residual(&h.matmul(&wt)?, &bias, &x),
-            None => Ok(x.add(&self.fc2.forward(&h)?)?),
-        }
+        let h = self.fc1.forward_fused(&h, self.act, None)?;
+        Ok(self.fc2.forward_fused(&h, Activation::Identity, Some(&x))?)
     }
 }
 

@@ -18,7 +18,6 @@ pub mod clip;
 pub mod config;
 pub mod convnext;
 mod error;
-mod fused;
 pub mod preprocess;
 
 pub use clip::{

@@ -212,12 +212,12 @@ fn config_missing_key_error_names_file_and_key() {
 #[test]
 fn unknown_hidden_act_is_an_error() {
     let text = r#"{"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "image_size": 8, "patch_size": 4, "hidden_act": "swish"}"#;
+        "num_attention_heads": 2, "image_size": 8, "patch_size": 4, "hidden_act": "mish"}"#;
     let err = ClipVisionConfig::from_json_str(text, "cfg.json")
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("cfg.json") && err.contains("hidden_act") && err.contains("\"swish\""),
+        err.contains("cfg.json") && err.contains("hidden_act") && err.contains("\"mish\""),
         "{err}"
     );
 }

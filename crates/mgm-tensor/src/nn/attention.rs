@@ -17,8 +17,12 @@
 
 use rayon::prelude::*;
 
+use mgm_kernels::gemm::{
+    self as kgemm, Epilogue, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism,
+};
+
 use crate::autograd::needs_grad;
-use crate::nn::{Linear, Module, VarStore};
+use crate::nn::{Activation, Linear, Module, VarStore};
 use crate::ops::softmax::{Elem, has_avx2, row_max, simd_call, simd_variant, sum_f64};
 use crate::shape::{Layout, broadcast_shapes};
 use crate::{DType, Error, Result, Tensor};
@@ -387,6 +391,124 @@ fn attention_kernel<F: Elem>(
     }
 }
 
+/// The signature of a dtype-specific fused kernel.
+type KernelFn<F> =
+    fn(&Plan, &Mat<F>, &Mat<F>, &Mat<F>, Option<&Mat<F>>, F, &mut [F], &OutSpec) -> Result<()>;
+
+/// Compute dtypes of the fused kernel: f32 has the packed-GEMM kernel, f64 (gradient checks,
+/// references) keeps the generic one.
+trait AttnElem: Elem {
+    fn packed_attention() -> Option<KernelFn<Self>>;
+}
+
+impl AttnElem for f32 {
+    fn packed_attention() -> Option<KernelFn<f32>> {
+        Some(attention_kernel_packed)
+    }
+}
+
+impl AttnElem for f64 {
+    fn packed_attention() -> Option<KernelFn<f64>> {
+        None
+    }
+}
+
+/// Query rows per block of the packed f32 kernel: the block's scores (96 x Lk) stay in L2.
+const PACKED_ROWS: usize = 96;
+
+/// The f32 forward through the packed GEMM of mgm-kernels: per batch entry, `K^T` and `V` are
+/// packed once; per block of query rows, `S = Q K^T` goes into a scratch block, is scaled,
+/// masked and softmaxed in place, and `O = P V` is written straight into the output.
+#[allow(clippy::too_many_arguments)]
+fn attention_kernel_packed(
+    plan: &Plan,
+    q: &Mat<f32>,
+    k: &Mat<f32>,
+    v: &Mat<f32>,
+    mask: Option<&Mat<f32>>,
+    scale: f32,
+    out: &mut [f32],
+    spec: &OutSpec,
+) -> Result<()> {
+    let (lq, lk, d, dv) = (plan.lq, plan.lk, plan.d, plan.dv);
+    let count = plan.count();
+    assert_eq!(
+        out.len(),
+        spec.len,
+        "attention output buffer has the planned size"
+    );
+    if count == 0 || lq == 0 || dv == 0 {
+        return Ok(());
+    }
+    for i in 0..count {
+        assert!(
+            spec.offsets[i] + (lq - 1) * spec.rs + dv <= out.len(),
+            "attention output block exceeds its buffer"
+        );
+    }
+    let ptr = OutPtr(out.as_mut_ptr());
+    let blocks = lq.div_ceil(PACKED_ROWS);
+    let threads = rayon::current_num_threads().max(1);
+    // one entry per task when there are enough of them, else its row blocks in parallel too
+    let inner_parallel = count < threads && blocks > 1;
+    let entry = |i: usize| -> Result<()> {
+        // MatRef::new checks each view against its storage
+        let kt = PackedRhs::new(MatRef::new(&k.data[k.offsets[i]..], d, lk, k.cs, k.rs)?);
+        let vp = PackedRhs::new(MatRef::new(&v.data[v.offsets[i]..], lk, dv, v.rs, v.cs)?);
+        let block = |s: &mut Vec<f32>, b: usize| -> Result<()> {
+            let r0 = b * PACKED_ROWS;
+            let rows = PACKED_ROWS.min(lq - r0);
+            let qb = MatRef::new(&q.data[q.offsets[i] + r0 * q.rs..], rows, d, q.rs, q.cs)?;
+            s.resize(rows * lk, 0.0);
+            let sb = &mut s[..rows * lk];
+            kgemm::cpu_packed(
+                &PackedLhs::new(qb),
+                &kt,
+                MatMut::row_major(sb, rows, lk)?,
+                &Epilogue::default(),
+                Parallelism::Serial,
+            )?;
+            let mb = match mask {
+                Some(m) => Some(MatRef::new(
+                    &m.data[m.offsets[i] + r0 * m.rs..],
+                    rows,
+                    lk,
+                    m.rs,
+                    m.cs,
+                )?),
+                None => None,
+            };
+            let p = PackedLhs::softmax_rows(sb, rows, lk, scale, mb)?;
+            // SAFETY: the block's rows x dv elements at offsets[i] + r0*rs (row stride rs) are
+            // inside `out` (asserted above) and belong to this (entry, row block) alone by
+            // OutSpec's contract; `out` outlives the parallel loop.
+            let dst = unsafe {
+                MatMut::from_raw_parts(
+                    ptr.get().add(spec.offsets[i] + r0 * spec.rs),
+                    rows,
+                    dv,
+                    spec.rs,
+                )
+            };
+            kgemm::cpu_packed(&p, &vp, dst, &Epilogue::default(), Parallelism::Serial)?;
+            Ok(())
+        };
+        if inner_parallel {
+            (0..blocks)
+                .into_par_iter()
+                .try_for_each_init(Vec::new, |s, b| block(s, b))
+        } else {
+            let mut s = Vec::new();
+            (0..blocks).try_for_each(|b| block(&mut s, b))
+        }
+    };
+    if count > 1 && threads > 1 && lq * lk * (d + dv) * count >= 1 << 15 {
+        (0..count).into_par_iter().try_for_each(entry)
+    } else {
+        (0..count).try_for_each(entry)
+    }
+}
+
 /// The mask as an additive tensor of the compute dtype (u8: nonzero -> 0, zero -> -inf).
 fn additive_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     if mask.dtype() == DType::U8 {
@@ -399,7 +521,7 @@ fn additive_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 /// Runs the fused kernel in compute precision and returns the output buffer.
-fn fused<F: Elem>(
+fn fused<F: AttnElem>(
     plan: &Plan,
     q: &Tensor,
     k: &Tensor,
@@ -420,16 +542,29 @@ fn fused<F: Elem>(
     // The kernel overwrites every element the spec covers; cover the rest (none for the
     // layouts used here) with zeros rather than leaving it uninitialised.
     let mut out = vec![F::zero(); spec.len];
-    attention_kernel(
-        plan,
-        &qm,
-        &km,
-        &vm,
-        mm.as_ref(),
-        F::c(scale),
-        &mut out,
-        spec,
-    );
+    if let Some(packed) = F::packed_attention() {
+        packed(
+            plan,
+            &qm,
+            &km,
+            &vm,
+            mm.as_ref(),
+            F::c(scale),
+            &mut out,
+            spec,
+        )?;
+    } else {
+        attention_kernel(
+            plan,
+            &qm,
+            &km,
+            &vm,
+            mm.as_ref(),
+            F::c(scale),
+            &mut out,
+            spec,
+        );
+    }
     Ok(out)
 }
 
@@ -599,12 +734,17 @@ impl ProjNames<'static> {
 /// Multi-head attention with query/key/value/output [`Linear`] projections, like
 /// transformers' `CLIPAttention` (no dropout): inputs `[B, T, D]` (or `[T, D]`), heads of
 /// `D / num_heads`, scale `1 / sqrt(head_dim)`.
+///
+/// When the query, key and value projections are all packed (frozen f32), self-attention runs
+/// them as one GEMM over a `[3D, D]` weight: the input is packed once and the product is wider.
 #[derive(Clone, Debug)]
 pub struct MultiHeadAttention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     out_proj: Linear,
+    /// q, k and v stacked, when they are all packed and of one width.
+    qkv: Option<Linear>,
     num_heads: usize,
     head_dim: usize,
     scale: f64,
@@ -644,11 +784,31 @@ impl MultiHeadAttention {
             ));
         }
         let head_dim = qw[0] / num_heads;
+        let qkv = if [&q_proj, &k_proj, &v_proj].iter().all(|l| l.is_packed())
+            && vw[0] == qw[0]
+            && kw[1] == qw[1]
+            && vw[1] == qw[1]
+        {
+            Some(stack_projections(&q_proj, &k_proj, &v_proj)?)
+        } else {
+            None
+        };
+        // the stacked layer holds the packed weights; keep one resident copy
+        let (q_proj, k_proj, v_proj) = if qkv.is_some() {
+            (
+                q_proj.without_packing(),
+                k_proj.without_packing(),
+                v_proj.without_packing(),
+            )
+        } else {
+            (q_proj, k_proj, v_proj)
+        };
         Ok(MultiHeadAttention {
             q_proj,
             k_proj,
             v_proj,
             out_proj,
+            qkv,
             num_heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
@@ -691,7 +851,52 @@ impl MultiHeadAttention {
     /// Self-attention of `x` `[B, T, D]` (or `[T, D]`) with an optional mask broadcastable to
     /// `[B, H, T, T]` (u8: nonzero = attend; float: added).
     pub fn forward_masked(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        self.attend(x, x, mask)
+        self.forward_residual(x, mask, None)
+    }
+
+    /// `residual + self_attention(x)`, the residual added in the output projection's epilogue
+    /// (a pre-norm transformer block's first half: `x + attn(norm(x))`).
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let Some(qkv) = &self.qkv else {
+            let y = self.attend(x, x, mask)?;
+            return match residual {
+                Some(r) => r.add(&y),
+                None => Ok(y),
+            };
+        };
+        if !(2..=3).contains(&x.rank()) {
+            return Err(Error::invalid_shape(
+                "MultiHeadAttention",
+                x.shape(),
+                "input must be [B, T, D] or [T, D]",
+            ));
+        }
+        if x.rank() == 2 {
+            let r = residual.map(|r| r.unsqueeze(0)).transpose()?;
+            return self
+                .forward_residual(&x.unsqueeze(0)?, mask, r.as_ref())?
+                .squeeze(0);
+        }
+        let (b, t) = (x.shape()[0], x.shape()[1]);
+        // [B, T, 3D] viewed as [B, T, 3, H, d]: q, k and v are strided views of one product
+        let y = qkv
+            .forward(x)?
+            .reshape(&[b, t, 3, self.num_heads, self.head_dim])?;
+        let part = |i: usize| y.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        let o = scaled_dot_product_attention_merged(
+            &part(0)?,
+            &part(1)?,
+            &part(2)?,
+            mask,
+            Some(self.scale),
+        )?;
+        self.out_proj
+            .forward_fused(&o, Activation::Identity, residual)
     }
 
     /// Attention of queries from `xq` `[B, Tq, D]` over keys and values from `xkv`
@@ -726,6 +931,27 @@ impl MultiHeadAttention {
 impl Module for MultiHeadAttention {
     /// Unmasked self-attention.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.attend(x, x, None)
+        self.forward_masked(x, None)
     }
+}
+
+/// One layer computing `[q | k | v]`: the three weights stacked along the output dim (and
+/// their biases, a missing one as zeros).
+fn stack_projections(q: &Linear, k: &Linear, v: &Linear) -> Result<Linear> {
+    let ls = [q, k, v];
+    let w: Vec<Tensor> = ls.iter().map(|l| l.weight().tensor()).collect();
+    let weight = Tensor::cat(&w, 0)?;
+    let bias = if ls.iter().any(|l| l.bias().is_some()) {
+        let b = ls
+            .iter()
+            .map(|l| match l.bias() {
+                Some(b) => b.tensor().to_dtype(DType::F32),
+                None => Tensor::zeros(&[l.out_features()], DType::F32, weight.device()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(crate::nn::Param::Frozen(Tensor::cat(&b, 0)?))
+    } else {
+        None
+    };
+    Linear::new(weight, bias)
 }

@@ -3,11 +3,12 @@
 //! inference (frozen tensors from a checkpoint) and training (`Var`s read at every forward), and
 //! each loads by the checkpoint's own names (`weight`, `bias`) through a [`VarStore`] handle.
 
-use rayon::prelude::*;
+use std::sync::Arc;
 
 use crate::autograd::needs_grad;
-use crate::nn::{Init, Param, VarStore};
+use crate::nn::{Activation, Init, Param, VarStore};
 use crate::{Conv2dParams, DType, Error, Result, Tensor};
+use mgm_kernels::gemm::{self, Epilogue, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism};
 
 /// A layer with one input and one output.
 pub trait Module {
@@ -29,10 +30,16 @@ fn bias_init(fan_in: usize) -> Init {
 }
 
 /// `y = x W^T + b` over the last dim, like `torch.nn.Linear` (weight `[out, in]`).
+///
+/// A frozen f32 layer packs its weight once into the GEMM's panel layout
+/// ([`mgm_kernels::gemm::PackedRhs`]), so inference calls pay no packing and no transpose, and
+/// [`Linear::forward_fused`] applies bias, activation and a residual add to each output tile
+/// while it is in cache. Trainable layers (and other dtypes) run as tensor ops with autograd.
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Param,
     bias: Option<Param>,
+    packed: Option<Arc<PackedRhs>>,
 }
 
 impl Linear {
@@ -57,15 +64,17 @@ impl Linear {
                 format!("bias must be [{}]", ws[0]),
             ));
         }
-        // A frozen weight is kept as a transposed view of a contiguous `[in, out]` copy: gemm
-        // multiplies that layout about 40% faster than the checkpoint's `[out, in]` read through
-        // a transposed view (203 vs 142 GFLOP/s for CLIP-L's 577 x 1024 x 1024), and only the
-        // copy stays resident (the mmapped original is not read again).
-        let weight = match weight {
-            Param::Frozen(w) if !w.t()?.is_contiguous() => Param::Frozen(w.t()?.contiguous()?.t()?),
-            other => other,
+        let packed = match (&weight, &bias) {
+            (Param::Frozen(w), None | Some(Param::Frozen(_))) if w.dtype() == DType::F32 => {
+                Some(Arc::new(pack_weight(w)?))
+            }
+            _ => None,
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            packed,
+        })
     }
 
     /// Loads `weight` (and `bias` when `bias` is true) from `vs`; a trainable store creates
@@ -95,105 +104,169 @@ impl Linear {
     pub fn bias(&self) -> Option<&Param> {
         self.bias.as_ref()
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.tensor();
-        let in_features = w.shape()[1];
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.weight.shape()[1]
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
+
+    /// Whether inference runs on the packed weight (frozen f32).
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// The same layer without its packed copy (for a layer whose weight also lives packed in
+    /// a fused one): inference then runs as tensor ops.
+    pub(crate) fn without_packing(mut self) -> Linear {
+        self.packed = None;
+        self
+    }
+
+    /// `act(x W^T + b) + residual`, with `residual` shaped like the output. A packed layer
+    /// computes it in one pass over the output; otherwise it is composed from tensor ops.
+    ///
+    /// ```
+    /// use mgm_tensor::nn::{Activation, Linear};
+    /// use mgm_tensor::Tensor;
+    /// let w = Tensor::from_vec(vec![1f32, -1., 2., 0.5], &[2, 2])?;
+    /// let fc = Linear::new(w, None)?;
+    /// let x = Tensor::from_vec(vec![1f32, 1.], &[1, 2])?;
+    /// let r = Tensor::from_vec(vec![10f32, 20.], &[1, 2])?;
+    /// let y = fc.forward_fused(&x, Activation::Relu, Some(&r))?;
+    /// assert_eq!(y.to_vec::<f32>()?, vec![10., 22.5]);
+    /// # Ok::<(), mgm_tensor::Error>(())
+    /// ```
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        act: Activation,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let in_features = self.in_features();
         if x.shape().last() != Some(&in_features) {
             return Err(Error::shape_mismatch(
                 "Linear",
                 x.shape(),
-                w.shape(),
+                &self.weight.shape(),
                 format!("input's last dim must be in_features = {in_features}"),
             ));
         }
-        let wt = w.t()?;
-        let bias = self.bias.as_ref().map(Param::tensor);
-        let frozen = matches!(self.weight, Param::Frozen(_))
-            && self
-                .bias
-                .as_ref()
-                .is_none_or(|b| matches!(b, Param::Frozen(_)));
-        let fused = frozen
-            && x.dtype() == DType::F32
-            && wt.dtype() == DType::F32
-            && wt.is_contiguous()
-            && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32)
-            && !needs_grad(&[x]);
-        if fused {
-            return frozen_f32_forward(x, &wt, bias.as_ref());
+        let mut out_shape = x.shape().to_vec();
+        *out_shape.last_mut().expect("rank >= 1 checked above") = self.out_features();
+        if let Some(r) = residual
+            && r.shape() != out_shape
+        {
+            return Err(Error::shape_mismatch(
+                "Linear",
+                r.shape(),
+                &out_shape,
+                "the residual must have the output's shape",
+            ));
         }
-        let y = x.matmul(&wt)?;
-        match bias {
-            Some(b) => y.add(&b),
+        let plain = |t: &Tensor| t.dtype() == DType::F32 && !needs_grad(&[t]);
+        if let Some(packed) = &self.packed
+            && plain(x)
+            && residual.is_none_or(plain)
+        {
+            return packed_forward(packed, x, self.bias.as_ref(), act, residual, &out_shape);
+        }
+        let y = x.matmul(&self.weight.tensor().t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.add(&b.tensor())?,
+            None => y,
+        };
+        let y = y.activation(act)?;
+        match residual {
+            Some(r) => y.add(r),
             None => Ok(y),
         }
     }
 }
 
-/// `x W^T + b` for a frozen f32 layer outside autograd: one gemm into rows pre-filled with the
-/// bias (gemm accumulates onto them), instead of a matmul and a separate broadcast add.
-fn frozen_f32_forward(x: &Tensor, wt: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (k, n) = (wt.shape()[0], wt.shape()[1]);
-    let x = x.contiguous()?;
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, Activation::Identity, None)
+    }
+}
+
+/// Packs a frozen `[out, in]` f32 weight as the GEMM's right-hand side `[in, out]`.
+fn pack_weight(w: &Tensor) -> Result<PackedRhs> {
+    let (out, inp) = (w.shape()[0], w.shape()[1]);
+    let l = w.layout();
+    let data = w.storage_slice::<f32>()?;
+    let rhs = MatRef::new(
+        &data[l.offset()..],
+        inp,
+        out,
+        l.strides()[1],
+        l.strides()[0],
+    )?;
+    Ok(PackedRhs::new(rhs))
+}
+
+/// The packed inference path: one GEMM over all rows of `x` with the epilogue fused.
+fn packed_forward(
+    packed: &PackedRhs,
+    x: &Tensor,
+    bias: Option<&Param>,
+    act: Activation,
+    residual: Option<&Tensor>,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    let (k, n) = (packed.k(), packed.n());
     let rows = x.numel() / k.max(1);
+    let x = x.contiguous()?;
     let xs = x
         .as_contiguous_slice::<f32>()?
         .expect("contiguous f32 input");
-    let ws = wt
-        .as_contiguous_slice::<f32>()?
-        .expect("contiguous f32 weight");
-    let mut out = vec![0f32; rows * n];
-    let read_dst = match bias {
-        Some(b) => {
-            let b = b.contiguous()?;
-            let bs = b
-                .as_contiguous_slice::<f32>()?
-                .expect("contiguous f32 bias");
-            out.par_chunks_mut(n.max(1))
-                .for_each(|r| r.copy_from_slice(bs));
-            true
-        }
-        None => false,
+    let lhs = PackedLhs::new(MatRef::row_major(xs, rows, k)?);
+    let bias = bias
+        .map(|b| b.tensor().to_dtype(DType::F32)?.contiguous())
+        .transpose()?;
+    let bias_slice = match &bias {
+        Some(b) => Some(
+            b.as_contiguous_slice::<f32>()?
+                .expect("contiguous f32 bias"),
+        ),
+        None => None,
     };
-    if rows > 0 && n > 0 && k > 0 {
-        let par = if rows * n * k >= 1 << 18 {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: `xs` is rows x k, `ws` k x n and `out` rows x n, all contiguous
-        // row-major buffers of exactly those sizes owned or borrowed here; gemm reads and
-        // writes within them and `out` is not aliased.
-        unsafe {
-            gemm::gemm(
-                rows,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                read_dst,
-                xs.as_ptr(),
-                1,
-                k as isize,
-                ws.as_ptr(),
-                1,
-                n as isize,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                par,
-            );
-        }
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let res_view = match &residual {
+        Some(r) => Some(MatRef::row_major(
+            r.as_contiguous_slice::<f32>()?
+                .expect("contiguous f32 residual"),
+            rows,
+            n,
+        )?),
+        None => None,
+    };
+    let epi = Epilogue {
+        accumulate: false,
+        bias: bias_slice,
+        activation: act,
+        residual: res_view,
+    };
+    // the GEMM writes every output element (no accumulate), so the buffer starts unfilled:
+    // zeroing a 577 x 4096 output costs about a millisecond
+    let mut out: Vec<f32> = Vec::with_capacity(rows * n);
+    // SAFETY: the MatMut covers exactly the reserved rows * n elements, which the GEMM
+    // overwrites before set_len exposes them (on error the Vec is dropped with length 0).
+    unsafe {
+        gemm::cpu_packed(
+            &lhs,
+            packed,
+            MatMut::from_raw_parts(out.as_mut_ptr(), rows, n, n),
+            &epi,
+            Parallelism::Rayon,
+        )?;
+        out.set_len(rows * n);
     }
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().expect("rank checked above") = n;
-    Tensor::from_vec(out, &shape)
+    Tensor::from_vec(out, out_shape)
 }
 
 /// A lookup table of `[vocab, dim]` rows, like `torch.nn.Embedding`.

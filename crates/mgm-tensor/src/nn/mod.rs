@@ -20,4 +20,6 @@ pub use attention::{
     scaled_dot_product_attention_merged,
 };
 pub use layers::{Conv2d, Embedding, LayerNorm, Linear, Module, RmsNorm};
+/// The pointwise activations layers fuse into their outputs (defined with the kernels).
+pub use mgm_kernels::activation::Activation;
 pub use var_store::{Init, Param, VarStore};

@@ -319,6 +319,18 @@ impl Tensor {
     pub fn quick_gelu(&self) -> Result<Tensor> {
         self.unary(Unary::QuickGelu)
     }
+    /// One of the [`Activation`](crate::nn::Activation)s that layers fuse into their output.
+    pub fn activation(&self, act: crate::nn::Activation) -> Result<Tensor> {
+        use crate::nn::Activation as A;
+        match act {
+            A::Identity => Ok(self.clone()),
+            A::GeluErf => self.gelu(),
+            A::GeluTanh => self.gelu_tanh(),
+            A::QuickGelu => self.quick_gelu(),
+            A::Silu => self.silu(),
+            A::Relu => self.relu(),
+        }
+    }
     /// -x.
     pub fn neg(&self) -> Result<Tensor> {
         self.unary(Unary::Neg)
