@@ -7,49 +7,28 @@
 #![allow(clippy::print_stdout)] // a bench reports on stdout
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
 
-use mgm_benches::{Row, benchmarking, interleaved, report};
+use mgm_benches::{PythonPeer, Row, benchmarking, interleaved_with_peer, report};
+use mgm_kernels::gemm::Backend;
 use mgm_tensor::nn::VarStore;
 use mgm_tensor::{DType, Device, Tensor, no_grad};
 use mgm_vision::clip::{Activation, ClipVisionConfig, ClipVisionModel};
 use mgm_vision::convnext::{ConvNextConfig, ConvNextModel};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("benches/ is one level below the root")
-        .to_path_buf()
-}
-
-/// PyTorch's best ms per image for `model`, from the peer script.
-fn torch_ms(model: &str, threads: usize) -> (f64, String) {
-    let py = root().join("target/reference-venv/bin/python");
-    assert!(
-        py.exists(),
-        "the PyTorch peer needs {} (run `cargo xtask reference` once)",
-        py.display()
-    );
-    let out = Command::new(&py)
-        .arg(root().join("benches/peers/vision_torch.py"))
-        .args(["--model", model, "--threads", &threads.to_string()])
-        .args(["--iters", &ROUNDS.to_string(), "--warmup", "1"])
-        .output()
-        .expect("run the PyTorch peer");
-    assert!(
-        out.status.success(),
-        "PyTorch peer failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or_default())
-        .expect("the peer prints one JSON line");
-    (
-        v["ms_best"].as_f64().expect("ms_best"),
-        v["torch"].as_str().unwrap_or("?").to_string(),
+/// The PyTorch peer for `model`, serving timed forward passes.
+fn torch_peer(model: &str, threads: usize) -> PythonPeer {
+    PythonPeer::spawn(
+        "benches/peers/vision_torch.py",
+        &[
+            "--model",
+            model,
+            "--threads",
+            &threads.to_string(),
+            "--warmup",
+            "1",
+        ],
     )
 }
 
@@ -96,58 +75,56 @@ fn image(size: usize) -> Tensor {
     Tensor::randn(7, &[1, 3, size, size], 0.0, 1.0, DType::F32, Device::Cpu).expect("randn")
 }
 
+/// One row: our forward pass against the peer's, alternating, in images per minute.
+fn measure(case: &str, peer_model: &str, ours: &mut dyn FnMut(), threads: usize) -> (Row, String) {
+    let mut peer = torch_peer(peer_model, threads);
+    let version = peer.info["torch"].as_str().unwrap_or("?").to_string();
+    let (t, p) = interleaved_with_peer(ROUNDS, ours, &mut peer);
+    let mut row = Row::from_timings(case, "images/min", 1.0, 60.0, t, p, "torch eager");
+    row.case = format!(
+        "{case} (mgm {:.0} ms, torch {:.0} ms; medians {:.0} / {:.0})",
+        t.best * 1e3,
+        p.best * 1e3,
+        t.median * 1e3,
+        p.median * 1e3
+    );
+    (row, version)
+}
+
 fn main() {
     if !benchmarking() {
         return;
     }
     let threads = rayon::current_num_threads();
-    let mut rows = Vec::new();
-    let torch_version;
-    {
-        let model = clip_l336();
-        let x = image(336);
-        let t = interleaved(
-            ROUNDS,
-            &mut [&mut || no_grad(|| model.forward(&x).expect("clip"))],
-        );
-        let (ms, v) = torch_ms("clip", threads);
-        torch_version = v;
-        rows.push(Row::new(
-            &format!(
-                "clip vit-l/14-336 1 image (mgm {:.0} ms, torch {ms:.0} ms)",
-                t[0].best * 1e3
-            ),
-            "images/min",
-            60.0 / t[0].best,
-            60e3 / ms,
-            "torch eager",
-        ));
-    }
-    {
-        let model = convnext_l();
-        let x = image(768);
-        let t = interleaved(
-            ROUNDS,
-            &mut [&mut || no_grad(|| model.forward(&x).expect("convnext"))],
-        );
-        let (ms, _) = torch_ms("convnext", threads);
-        rows.push(Row::new(
-            &format!(
-                "convnext-l 768px 1 image (mgm {:.0} ms, torch {ms:.0} ms)",
-                t[0].best * 1e3
-            ),
-            "images/min",
-            60.0 / t[0].best,
-            60e3 / ms,
-            "torch eager",
-        ));
-    }
+    let clip = clip_l336();
+    let x = image(336);
+    let (clip_row, torch_version) = measure(
+        "clip vit-l/14-336 1 image",
+        "clip",
+        &mut || {
+            no_grad(|| clip.forward(&x).expect("clip"));
+        },
+        threads,
+    );
+    drop(clip);
+    let convnext = convnext_l();
+    let x = image(768);
+    let (convnext_row, _) = measure(
+        "convnext-l 768px 1 image",
+        "convnext",
+        &mut || {
+            no_grad(|| convnext.forward(&x).expect("convnext"));
+        },
+        threads,
+    );
     report(
         "vision",
         &format!(
             "mgm-vision vs PyTorch {torch_version} eager CPU, {threads} threads each, random \
-             weights, f32, best of {ROUNDS} after a warm-up"
+             weights, f32 (mgm's GEMM backend: {:?}), best of {ROUNDS} rounds alternating mgm \
+             and torch after a warm-up",
+            Backend::best()
         ),
-        &rows,
+        &[clip_row, convnext_row],
     );
 }

@@ -9,6 +9,9 @@
 --threads N       torch.set_num_threads(N): give the same count the mgm side runs with.
 --iters K         timed forward passes, after --warmup untimed ones (default 1).
 --attn A          transformers attention implementation for CLIP: sdpa (transformers' default) or eager.
+--serve           after the warm-up, print one JSON line {"ready": true, ...}, then time one forward
+                  pass per `run` line read from stdin and answer {"ms": ...} (until `quit` or EOF),
+                  so that the bench can interleave its own rounds with PyTorch's in one run.
 
 Weights are random (the default initialisation; the speed of f32 kernels does not depend on the
 values), the input is random, and every pass runs under torch.inference_mode() in eager mode
@@ -57,6 +60,40 @@ def build(name, attn):
     return model, x
 
 
+def info(args, x):
+    """The run's settings, reported with the timings."""
+    return {
+        "model": args.model,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "input": list(x.shape),
+        "attn": args.attn if args.model == "clip" else None,
+        "transformers": transformers.__version__,
+    }
+
+
+def serve(model, x, args):
+    """Times one forward pass per `run` request on stdin."""
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            model(pixel_values=x)
+        sys.stdout.write(json.dumps({"ready": True, **info(args, x)}) + "\n")
+        sys.stdout.flush()
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "quit":
+                break
+            if cmd != "run":
+                sys.stdout.write(json.dumps({"error": f"unknown command {cmd!r}"}) + "\n")
+                sys.stdout.flush()
+                continue
+            start = time.perf_counter()
+            model(pixel_values=x)
+            ms = (time.perf_counter() - start) * 1e3
+            sys.stdout.write(json.dumps({"ms": round(ms, 3)}) + "\n")
+            sys.stdout.flush()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["clip", "convnext"], required=True)
@@ -64,6 +101,7 @@ def main():
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    ap.add_argument("--serve", action="store_true")
     args = ap.parse_args()
     if args.threads < 1 or args.iters < 1 or args.warmup < 0:
         ap.error("--threads and --iters must be >= 1, --warmup >= 0")
@@ -71,6 +109,9 @@ def main():
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     model, x = build(args.model, args.attn)
+    if args.serve:
+        serve(model, x, args)
+        return
     times = []
     with torch.inference_mode():
         for i in range(args.warmup + args.iters):

@@ -11,7 +11,9 @@
 #![allow(clippy::print_stdout)] // benches report on stdout
 
 use std::hint::black_box;
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 /// Best and median wall time of one side of an interleaved measurement, in seconds.
@@ -39,16 +41,119 @@ pub fn interleaved<R>(rounds: usize, sides: &mut [&mut dyn FnMut() -> R]) -> Vec
             t.push(start.elapsed().as_secs_f64());
         }
     }
-    times
-        .into_iter()
-        .map(|mut t| {
-            t.sort_by(f64::total_cmp);
-            Timing {
-                best: t[0],
-                median: t[t.len() / 2],
-            }
-        })
-        .collect()
+    times.into_iter().map(summarise).collect()
+}
+
+/// Best and median of a list of times (seconds).
+fn summarise(mut t: Vec<f64>) -> Timing {
+    t.sort_by(f64::total_cmp);
+    Timing {
+        best: t[0],
+        median: t[t.len() / 2],
+    }
+}
+
+/// A peer written in Python (PyTorch) that serves timed runs: spawned with `--serve`, it
+/// warms up, prints one JSON line with `"ready"`, then answers each `run` line on stdin with
+/// `{"ms": ...}`, the time of one pass measured inside the peer. Keeping it alive lets a bench
+/// alternate our rounds with the peer's in one run, so drift of a shared machine hits both.
+pub struct PythonPeer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    /// The ready line's fields (versions, settings).
+    pub info: serde_json::Value,
+}
+
+impl PythonPeer {
+    /// Starts `script` (relative to the workspace root) with `args` and `--serve` under the
+    /// reference venv's Python (`cargo xtask reference` creates it); waits for ready.
+    pub fn spawn(script: &str, args: &[&str]) -> PythonPeer {
+        let py = workspace_root().join("target/reference-venv/bin/python");
+        assert!(
+            py.exists(),
+            "the PyTorch peer needs {} (run `cargo xtask reference` once)",
+            py.display()
+        );
+        let mut child = Command::new(&py)
+            .arg(workspace_root().join(script))
+            .args(args)
+            .arg("--serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {script}: {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut peer = PythonPeer {
+            child,
+            stdin,
+            stdout,
+            info: serde_json::Value::Null,
+        };
+        let ready = peer.read_line();
+        assert!(
+            ready["ready"] == true,
+            "{script} did not get ready: {ready}"
+        );
+        peer.info = ready;
+        peer
+    }
+
+    fn read_line(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .expect("read from the peer");
+        assert!(n > 0, "the peer exited (see its stderr above)");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("peer line {line:?}: {e}"))
+    }
+
+    /// One timed pass of the peer, in seconds.
+    pub fn run(&mut self) -> f64 {
+        writeln!(self.stdin, "run").expect("write to the peer");
+        self.stdin.flush().expect("flush to the peer");
+        let v = self.read_line();
+        v["ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("peer answered {v}"))
+            / 1e3
+    }
+}
+
+impl Drop for PythonPeer {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        let _ = self.child.wait();
+    }
+}
+
+/// How long each side idles before its timed call: PyTorch's OpenMP workers keep spinning for
+/// up to 200 ms after a parallel region (KMP_BLOCKTIME), which would otherwise steal the cores
+/// from the round that follows (and rayon's workers do the same, more briefly).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(400);
+
+/// Alternates one timed call of `ours` with one timed pass of `peer` for `rounds` rounds
+/// (after one untimed call of ours; the peer warmed up before it was ready), each after a
+/// short idle pause, and returns (ours, peer).
+pub fn interleaved_with_peer<R>(
+    rounds: usize,
+    ours: &mut dyn FnMut() -> R,
+    peer: &mut PythonPeer,
+) -> (Timing, Timing) {
+    black_box(ours());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        std::thread::sleep(SETTLE);
+        let start = Instant::now();
+        black_box(ours());
+        a.push(start.elapsed().as_secs_f64());
+        std::thread::sleep(SETTLE);
+        b.push(peer.run());
+    }
+    (summarise(a), summarise(b))
 }
 
 /// One line of a bench table: a rate (higher is better) for ours and for the peer.
