@@ -72,3 +72,10 @@ impl Error {
         }
     }
 }
+
+impl From<mgm_kernels::Error> for Error {
+    /// A kernel's argument error, reported like the tensor op it belongs to.
+    fn from(e: mgm_kernels::Error) -> Self {
+        Error::Tensor(e.into())
+    }
+}
