@@ -1,5 +1,7 @@
 //! Square matmul through `Tensor::matmul` (f32 and bf16) against the `gemm` crate called
-//! directly, in GFLOP/s (2 n^3 FLOPs per product).
+//! directly, in GFLOP/s (2 n^3 FLOPs per product); then mgm-kernels' packed GEMM on CLIP-L's
+//! linear-layer shapes for each backend this CPU has (the work a frozen `Linear` does per call:
+//! activations packed, weight packed once) against gemm on the same row-major operands.
 //!
 //! The peer is called the way `mgm_tensor::ops::matmul` calls gemm: row-major operands, the
 //! destination overwritten (`read_dst` false, alpha 0, beta 1) and
@@ -14,9 +16,19 @@ use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group};
 use mgm_benches::{Row, benchmarking, interleaved, report, table_only};
+use mgm_kernels::gemm::{
+    self as kgemm, Backend, Epilogue, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism,
+};
 use mgm_tensor::{DType, Device, Tensor};
 
 const SIZES: [usize; 3] = [512, 1024, 2048];
+/// CLIP ViT-L/14-336's projections: (tokens, in, out) of q|k|v, out_proj, fc1, fc2.
+const LINEAR: [(usize, usize, usize); 4] = [
+    (577, 1024, 3072),
+    (577, 1024, 1024),
+    (577, 1024, 4096),
+    (577, 4096, 1024),
+];
 
 /// Two n x n standard-normal operands of `dtype` (drawn in f32, then cast).
 fn operands(n: usize, dtype: DType) -> (Tensor, Tensor) {
@@ -68,6 +80,36 @@ fn gemm_square<T: Copy + 'static>(c: &mut [T], a: &[T], b: &[T], n: usize, zero:
             n as isize,
             zero,
             one,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// `c = a b` for row-major `[m, k] x [k, n]` through `gemm::gemm`, as for the square case.
+fn gemm_rect(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
+    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
+    // SAFETY: row-major buffers of exactly these sizes (column stride 1, row strides k, n and
+    // n); `c` is exclusive and distinct from the inputs; read_dst false overwrites it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0f32,
+            1.0f32,
             false,
             false,
             false,
@@ -144,6 +186,55 @@ fn table() {
                 t[0],
                 peer,
                 name,
+            ));
+        }
+    }
+    // The packed GEMM as a frozen linear layer runs it (weight packed once, the activations
+    // packed per call) on CLIP-L's shapes, per backend, against gemm on row-major operands.
+    for (m, k, n) in LINEAR {
+        let a = Tensor::randn(3, &[m, k], 0.0, 1.0, DType::F32, Device::Cpu).expect("randn");
+        let w = Tensor::randn(4, &[k, n], 0.0, 0.02, DType::F32, Device::Cpu).expect("randn");
+        let (av, wv) = (
+            a.to_vec::<f32>().expect("f32"),
+            w.to_vec::<f32>().expect("f32"),
+        );
+        for backend in [Backend::Amx, Backend::Avx512, Backend::Portable] {
+            if !backend.is_available() {
+                continue;
+            }
+            let packed =
+                PackedRhs::with_backend(MatRef::row_major(&wv, k, n).expect("shape"), backend)
+                    .expect("available backend");
+            let (mut c, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let t = interleaved(
+                11,
+                &mut [
+                    &mut || {
+                        let lhs = PackedLhs::with_backend(
+                            MatRef::row_major(&av, m, k).expect("shape"),
+                            backend,
+                        )
+                        .expect("available backend");
+                        kgemm::cpu_packed(
+                            &lhs,
+                            &packed,
+                            MatMut::row_major(&mut c, m, n).expect("shape"),
+                            &Epilogue::default(),
+                            Parallelism::Rayon,
+                        )
+                        .expect("gemm")
+                    },
+                    &mut || gemm_rect(&mut c2, &av, &wv, m, k, n),
+                ],
+            );
+            rows.push(Row::from_timings(
+                &format!("linear f32 {m}x{k}x{n} packed ({backend:?})"),
+                "GFLOP/s",
+                2.0 * (m * k * n) as f64,
+                1e-9,
+                t[0],
+                t[1],
+                "gemm f32",
             ));
         }
     }

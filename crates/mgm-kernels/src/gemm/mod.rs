@@ -899,6 +899,7 @@ fn run(
     }
     let ldc = c.rs;
     let out = SharedPtr(c.ptr);
+    let avx2 = simd_level() != Simd::Baseline;
     let (mp, np) = (m.div_ceil(MR), n.div_ceil(NR));
     let parallel = par == Parallelism::Rayon
         && rayon::current_num_threads() > 1
@@ -924,6 +925,10 @@ fn run(
             #[cfg(target_arch = "x86_64")]
             if avx512 {
                 return avx512::run_block(a, b, out.get(), ldc, *blk, epi);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                return run_block_avx2(a, b, out.get(), ldc, *blk, epi);
             }
             run_block::<Portable>(a, b, out.get(), ldc, *blk, epi)
         }
@@ -994,34 +999,64 @@ impl MicroKernel for Portable {
         nr: usize,
         accumulate: bool,
     ) {
+        // The 12 x 32 tile as 3 x 2 sub-tiles of 4 rows x 16 columns: 64 accumulators, which
+        // an AVX2 build keeps in 8 ymm registers (a whole-tile array would live on the stack).
+        const SR: usize = 4;
+        const SC: usize = 16;
         // SAFETY: the trait contract bounds every pointer offset used below.
         unsafe {
             let a = std::slice::from_raw_parts(pa, kc * MR);
             let b = std::slice::from_raw_parts(pb, kc * NR);
-            let mut acc = [[0f32; NR]; MR];
-            for kk in 0..kc {
-                let bk: &[f32; NR] = b[kk * NR..(kk + 1) * NR]
-                    .try_into()
-                    .expect("a B step is NR wide");
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let av = a[kk * MR + i];
-                    for (r, &bv) in row.iter_mut().zip(bk) {
-                        *r += av * bv;
+            for r0 in (0..mr).step_by(SR) {
+                for c0 in (0..nr).step_by(SC) {
+                    let mut acc = [[0f32; SC]; SR];
+                    for kk in 0..kc {
+                        let bk: &[f32; SC] = b[kk * NR + c0..kk * NR + c0 + SC]
+                            .try_into()
+                            .expect("a sub-tile step is SC wide");
+                        let ak: &[f32; SR] = a[kk * MR + r0..kk * MR + r0 + SR]
+                            .try_into()
+                            .expect("a sub-tile step is SR tall");
+                        for (row, &av) in acc.iter_mut().zip(ak) {
+                            for (x, &bv) in row.iter_mut().zip(bk) {
+                                *x += av * bv;
+                            }
+                        }
                     }
-                }
-            }
-            for (i, row) in acc.iter().enumerate().take(mr) {
-                let cr = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
-                if accumulate {
-                    for (o, &v) in cr.iter_mut().zip(row) {
-                        *o += v;
+                    let cols = SC.min(nr - c0);
+                    for (i, row) in acc.iter().enumerate().take(mr - r0) {
+                        let cr = std::slice::from_raw_parts_mut(c.add((r0 + i) * ldc + c0), cols);
+                        if accumulate {
+                            for (o, &v) in cr.iter_mut().zip(row) {
+                                *o += v;
+                            }
+                        } else {
+                            cr.copy_from_slice(&row[..cols]);
+                        }
                     }
-                } else {
-                    cr.copy_from_slice(&row[..nr]);
                 }
             }
         }
     }
+}
+
+/// [`run_block`] with the portable microkernel compiled for AVX2 + FMA (what CPUs without
+/// AVX-512 run).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; the rest as [`run_block`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_block_avx2(
+    a: &LhsPanels,
+    b: &RhsPanels,
+    out: *mut f32,
+    ldc: usize,
+    blk: Block,
+    epi: &Epilogue<'_>,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { run_block::<Portable>(a, b, out, ldc, blk, epi) }
 }
 
 /// Runs one block with microkernel `K`, applying the epilogue to each tile after its last `k`
