@@ -19,6 +19,7 @@
 //! ```
 
 pub mod activation;
+pub mod attention;
 mod error;
 pub mod launch;
 pub mod ptx;

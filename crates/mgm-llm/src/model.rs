@@ -1,0 +1,640 @@
+//! The decoder shared by the four families: embeddings (scaled for Gemma), pre-norm layers of
+//! grouped-query attention with rotary positions and a gated MLP (a mixture of experts for
+//! Mixtral), a final RMSNorm and the LM head (tied to the embeddings when the config says so).
+//!
+//! Two ways to run it:
+//! - [`CausalLm::forward`]: a whole sequence as tensor ops (autograd flows when the weights are
+//!   trainable), like `model(input_ids, attention_mask=..., position_ids=...)` in transformers;
+//! - [`CausalLm::step`]: inference with a [`KvCache`], the prompt in one call (prefill) and
+//!   then one token per call (decode), appending to the cache in place.
+//!
+//! Weights load by transformers' names (`model.embed_tokens.weight`,
+//! `model.layers.N.self_attn.q_proj.weight`, ..., `lm_head.weight`); Mixtral's experts by the
+//! Hub checkpoints' `block_sparse_moe.experts.E.{w1,w2,w3}` names (see [`crate::mixtral`]).
+
+use std::path::Path;
+
+use mgm_tensor::nn::{Activation, Embedding, Linear, Module, RmsNorm, VarStore};
+use mgm_tensor::{DType, Tensor, needs_grad};
+use rayon::prelude::*;
+
+use crate::cache::KvCache;
+use crate::config::{Arch, DecoderConfig};
+use crate::mixtral::Moe;
+use crate::rope::{Rope, RopeState, rotate_with};
+use crate::{Error, Result};
+
+/// Query rows per (row, kv head) up to which a cached step runs the decode kernel; longer
+/// blocks (prefill) run the fused tensor attention.
+const DECODE_ROWS: usize = 32;
+
+/// The gated MLP `down(act(gate(x)) * up(x))`.
+#[derive(Clone, Debug)]
+pub(crate) struct Mlp {
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+    pub(crate) act: Activation,
+}
+
+impl Mlp {
+    /// `residual + down(act(gate(x)) * up(x))` (the residual fused into `down` when given).
+    pub(crate) fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let g = self.gate.forward_fused(x, self.act, None)?;
+        let u = self.up.forward(x)?;
+        Ok(self
+            .down
+            .forward_fused(&g.mul(&u)?, Activation::Identity, residual)?)
+    }
+}
+
+/// The feed-forward half of a layer.
+#[derive(Clone, Debug)]
+enum Ffn {
+    Mlp(Mlp),
+    Moe(Moe),
+}
+
+/// Grouped-query self-attention with rotary positions.
+#[derive(Clone, Debug)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    ffn: Ffn,
+}
+
+/// A decoder-only causal language model.
+#[derive(Clone, Debug)]
+pub struct CausalLm {
+    config: DecoderConfig,
+    embed: Embedding,
+    /// Gemma multiplies the embeddings by `sqrt(hidden)` (rounded to the compute dtype).
+    embed_scale: Option<f32>,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+/// Where the tokens of one call sit: per (row, token) its position id and whether it is a real
+/// token (`attention_mask` 1) or padding.
+#[derive(Clone, Debug)]
+pub struct Positions {
+    /// `[B * T]` position ids (rotary angle index).
+    pub ids: Vec<usize>,
+    /// `[B * T]` true for real tokens.
+    pub valid: Vec<bool>,
+}
+
+impl Positions {
+    /// Positions `offset..offset + T` for every row, no padding.
+    pub fn contiguous(batch: usize, t: usize, offset: usize) -> Positions {
+        Positions {
+            ids: (0..batch).flat_map(|_| offset..offset + t).collect(),
+            valid: vec![true; batch * t],
+        }
+    }
+
+    /// From an `attention_mask` `[B, T]` (1 = token, 0 = padding), the way transformers 5.x's
+    /// `generate` numbers a left-padded batch: `cumsum(mask) - 1`, padding at 0 (4.x used 1).
+    pub fn from_mask(mask: &[i64], batch: usize, t: usize) -> Positions {
+        let mut ids = vec![0; batch * t];
+        let mut valid = vec![false; batch * t];
+        for b in 0..batch {
+            let mut seen = 0usize;
+            for j in 0..t {
+                let m = mask[b * t + j] != 0;
+                valid[b * t + j] = m;
+                if m {
+                    ids[b * t + j] = seen;
+                    seen += 1;
+                }
+            }
+        }
+        Positions { ids, valid }
+    }
+}
+
+impl CausalLm {
+    /// Loads `dir/config.json` and the weights (`model.safetensors` or a sharded
+    /// `model.safetensors.index.json`, memory-mapped).
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<CausalLm> {
+        let dir = dir.as_ref();
+        let config = DecoderConfig::from_file(dir.join("config.json"))?;
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let vs = if index.exists() {
+            VarStore::from_safetensors_index(&index)?
+        } else if single.exists() {
+            VarStore::from_safetensors(&[&single])?
+        } else {
+            return Err(Error::Io {
+                path: single.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json in the model directory",
+                ),
+            });
+        };
+        let vs = vs.with_dtype(DType::F32);
+        let model = Self::load(&vs, &config)?;
+        // rotary buffers some checkpoints store
+        vs.finish_ignoring(|n| n.ends_with("rotary_emb.inv_freq"))?;
+        Ok(model)
+    }
+
+    /// Builds the model from `vs` by transformers' names; a trainable store creates missing
+    /// parameters (a model to train from scratch).
+    pub fn load(vs: &VarStore, config: &DecoderConfig) -> Result<CausalLm> {
+        let c = config;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let root = vs.pp("model");
+        let embed = Embedding::load(&root.pp("embed_tokens"), c.vocab_size, h)?;
+        let gemma = c.arch == Arch::Gemma;
+        let norm = |v: &VarStore| {
+            if gemma {
+                RmsNorm::load_gemma(v, h, c.rms_norm_eps)
+            } else {
+                RmsNorm::load(v, h, c.rms_norm_eps)
+            }
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = root.pp(&format!("layers.{i}"));
+            let at = l.pp("self_attn");
+            let proj = |name: &str, inp: usize, out: usize, bias: bool| {
+                Linear::load(&at.pp(name), inp, out, bias)
+            };
+            let attn = Attention {
+                q: proj("q_proj", h, c.num_attention_heads * d, c.attention_bias)?,
+                k: proj("k_proj", h, c.num_key_value_heads * d, c.attention_bias)?,
+                v: proj("v_proj", h, c.num_key_value_heads * d, c.attention_bias)?,
+                o: proj("o_proj", c.num_attention_heads * d, h, c.attention_bias)?,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: d,
+                window: c.sliding_window,
+            };
+            let ffn = if c.arch == Arch::Mixtral {
+                Ffn::Moe(Moe::load(&l.pp("block_sparse_moe"), c)?)
+            } else {
+                let m = l.pp("mlp");
+                let lin = |name: &str, inp: usize, out: usize| {
+                    Linear::load(&m.pp(name), inp, out, c.mlp_bias)
+                };
+                Ffn::Mlp(Mlp {
+                    gate: lin("gate_proj", h, c.intermediate_size)?,
+                    up: lin("up_proj", h, c.intermediate_size)?,
+                    down: lin("down_proj", c.intermediate_size, h)?,
+                    act: c.hidden_act,
+                })
+            };
+            layers.push(Layer {
+                input_norm: norm(&l.pp("input_layernorm"))?,
+                attn,
+                post_norm: norm(&l.pp("post_attention_layernorm"))?,
+                ffn,
+            });
+        }
+        let final_norm = norm(&root.pp("norm"))?;
+        let lm_head = if c.tie_word_embeddings {
+            // a checkpoint may still carry the tied copy
+            vs.mark_used("lm_head.weight");
+            Linear::new(embed.weight().clone(), None)?
+        } else {
+            Linear::load(&vs.pp("lm_head"), h, c.vocab_size, false)?
+        };
+        let rot = ((d as f64) * c.partial_rotary_factor) as usize;
+        let rope = Rope::new(rot, c.rope_theta, c.rope_scaling, c.max_position_embeddings);
+        let embed_scale = gemma.then(|| (h as f64).sqrt() as f32);
+        Ok(CausalLm {
+            config: c.clone(),
+            embed,
+            embed_scale,
+            layers,
+            norm: final_norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+
+    /// A cache for `batch` sequences of up to `capacity` tokens each (prompt plus new tokens).
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        if self.max_context().is_some_and(|m| capacity > m) {
+            return Err(Error::input(
+                "CausalLm::new_cache",
+                format!(
+                    "{capacity} tokens exceed the model's max_position_embeddings {}",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        Ok(KvCache::new(
+            self.layers.len(),
+            batch,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+            capacity,
+            self.rope.initial_state(),
+        ))
+    }
+
+    /// The longest sequence the model takes: `max_position_embeddings`, or none for the
+    /// `dynamic` rope type, which rescales past it.
+    pub fn max_context(&self) -> Option<usize> {
+        match self.config.rope_scaling {
+            crate::config::RopeScaling::Dynamic { .. } => None,
+            _ => Some(self.config.max_position_embeddings),
+        }
+    }
+
+    /// Embeddings of `ids` `[B, T]` (Gemma's scale applied).
+    fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        check_ids(ids, self.config.vocab_size)?;
+        let x = self.embed.forward(ids)?;
+        Ok(match self.embed_scale {
+            Some(s) => x.mul_scalar(f64::from(s))?,
+            None => x,
+        })
+    }
+
+    /// The logits `[B, T, V]` of a whole sequence as tensor ops (autograd when trainable):
+    /// `input_ids` `[B, T]` (i64), positions from `pos` (default `0..T`; padded keys are never
+    /// attended). Outputs at padded query positions are zeros-attention results, not
+    /// transformers' (they are meaningless either way).
+    pub fn forward(&self, input_ids: &Tensor, pos: Option<&Positions>) -> Result<Tensor> {
+        let s = input_ids.shape();
+        if s.len() != 2 {
+            return Err(Error::input(
+                "CausalLm::forward",
+                format!("input_ids must be [batch, seq], got {s:?}"),
+            ));
+        }
+        let (b, t) = (s[0], s[1]);
+        let own;
+        let pos = match pos {
+            Some(p) => p,
+            None => {
+                own = Positions::contiguous(b, t, 0);
+                &own
+            }
+        };
+        if pos.ids.len() != b * t || pos.valid.len() != b * t {
+            return Err(Error::input(
+                "CausalLm::forward",
+                format!(
+                    "positions cover {} tokens, input_ids {b} x {t}",
+                    pos.ids.len()
+                ),
+            ));
+        }
+        let mut state = self.rope.initial_state();
+        self.rope
+            .update(&mut state, pos.ids.iter().copied().max().unwrap_or(0));
+        let mask = self.mask(b, t, 0, t, |bb, j| pos.valid[bb * t + j])?;
+        let mut x = self.embed_ids(input_ids)?;
+        for layer in &self.layers {
+            let h = layer.input_norm.forward(&x)?;
+            x = layer
+                .attn
+                .forward_seq(&h, &x, &self.rope, &state, pos, &mask)?;
+            let h = layer.post_norm.forward(&x)?;
+            x = layer.ffn_forward(&h, &x)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// The additive mask `[B, 1, 1, T, L]` for queries at cache indices `start..start + t` over
+    /// keys `0..L`: causal by index, the sliding window, and padded keys (`valid(b, j)` false).
+    fn mask(
+        &self,
+        b: usize,
+        t: usize,
+        start: usize,
+        l: usize,
+        valid: impl Fn(usize, usize) -> bool,
+    ) -> Result<Tensor> {
+        let window = self.config.sliding_window;
+        let mut m = vec![0f32; b * t * l];
+        for bb in 0..b {
+            for i in 0..t {
+                let qi = start + i;
+                for j in 0..l {
+                    if !attends(window, qi, j, valid(bb, j)) {
+                        m[(bb * t + i) * l + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, &[b, 1, 1, t, l])?)
+    }
+
+    /// One inference step with the cache: `input_ids` `[B, T]` new tokens at `pos` (real tokens
+    /// and padding as in a prompt's attention mask). Returns the logits `[B, T, V]`.
+    pub fn step(&self, input_ids: &Tensor, pos: &Positions, cache: &mut KvCache) -> Result<Tensor> {
+        let s = input_ids.shape();
+        if s.len() != 2 || s[0] != cache.batch {
+            return Err(Error::input(
+                "CausalLm::step",
+                format!(
+                    "input_ids must be [{}, seq] for this cache, got {s:?}",
+                    cache.batch
+                ),
+            ));
+        }
+        let (b, t) = (s[0], s[1]);
+        if pos.ids.len() != b * t || pos.valid.len() != b * t {
+            return Err(Error::input(
+                "CausalLm::step",
+                format!(
+                    "positions cover {} tokens, input_ids {b} x {t}",
+                    pos.ids.len()
+                ),
+            ));
+        }
+        cache.reserve(t)?;
+        if needs_grad(&[&self.embed.weight().tensor()]) {
+            return Err(Error::input(
+                "CausalLm::step",
+                "the KV cache is for inference: run `forward` on a trainable model",
+            ));
+        }
+        let start = cache.len;
+        for bb in 0..b {
+            for i in 0..t {
+                cache.valid[bb * cache.capacity + start + i] = pos.valid[bb * t + i];
+                cache.positions[bb * cache.capacity + start + i] = pos.ids[bb * t + i];
+            }
+        }
+        let max_pos = pos.ids.iter().copied().max().unwrap_or(0);
+        let mut state = std::mem::replace(&mut cache.rope, self.rope.initial_state());
+        self.rope.update(&mut state, max_pos);
+        let cos_sin: Vec<(Vec<f32>, Vec<f32>)> = pos
+            .ids
+            .iter()
+            .map(|&p| self.rope.cos_sin(&state, p))
+            .collect();
+        cache.rope = state;
+        let mut x = self.embed_ids(input_ids)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            x = layer
+                .attn
+                .forward_cached(&h, &x, &cos_sin, cache, li, start, t, self)?;
+            let h = layer.post_norm.forward(&x)?;
+            x = layer.ffn_forward(&h, &x)?;
+        }
+        cache.len += t;
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+}
+
+impl Layer {
+    fn ffn_forward(&self, h: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.ffn {
+            Ffn::Mlp(m) => m.forward(h, Some(residual)),
+            Ffn::Moe(m) => Ok(m.forward(h)?.add(residual)?),
+        }
+    }
+}
+
+/// Whether the query at cache index `qi` attends the key at index `j`: causal by index, within
+/// the sliding window (`W` keys including itself), and not padding.
+#[inline]
+fn attends(window: Option<usize>, qi: usize, j: usize, valid: bool) -> bool {
+    valid && j <= qi && window.is_none_or(|w| qi - j < w)
+}
+
+/// Token ids must be i64 and inside the vocabulary.
+fn check_ids(ids: &Tensor, vocab: usize) -> Result<()> {
+    if ids.dtype() != DType::I64 {
+        return Err(Error::input(
+            "input_ids",
+            format!("dtype {}, expected i64", ids.dtype()),
+        ));
+    }
+    if let Some(&bad) = ids
+        .to_vec::<i64>()?
+        .iter()
+        .find(|&&i| i < 0 || i as usize >= vocab)
+    {
+        return Err(Error::input(
+            "input_ids",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    Ok(())
+}
+
+impl Attention {
+    /// `residual + o(attention(x))` over a whole sequence as tensor ops.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_seq(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        rope: &Rope,
+        state: &RopeState,
+        pos: &Positions,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let s = x.shape().to_vec();
+        let (b, t) = (s[0], s[1]);
+        let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let g = hq / kv;
+        let q = self.q.forward(x)?.reshape(&[b, t, hq, d])?;
+        let k = self.k.forward(x)?.reshape(&[b, t, kv, d])?;
+        let v = self.v.forward(x)?.reshape(&[b, t, kv, d])?;
+        let q = rope.rotate_tensor(state, &q, &pos.ids)?;
+        let k = rope.rotate_tensor(state, &k, &pos.ids)?;
+        // groups of query heads share a kv head: q [B, KV, G, T, d] against k [B, KV, 1, T, d]
+        let q = q.reshape(&[b, t, kv, g, d])?.permute(&[0, 2, 3, 1, 4])?;
+        let k = k.permute(&[0, 2, 1, 3])?.unsqueeze(2)?;
+        let v = v.permute(&[0, 2, 1, 3])?.unsqueeze(2)?;
+        let o = mgm_tensor::nn::scaled_dot_product_attention(&q, &k, &v, Some(mask), None)?;
+        let o = o.permute(&[0, 3, 1, 2, 4])?.reshape(&[b, t, hq * d])?;
+        Ok(self
+            .o
+            .forward_fused(&o, Activation::Identity, Some(residual))?)
+    }
+
+    /// `residual + o(attention(x))` for `t` new tokens at cache indices `start..start + t`:
+    /// rotates q and k, appends k and v to layer `li`'s cache, attends over the cache.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        cos_sin: &[(Vec<f32>, Vec<f32>)],
+        cache: &mut KvCache,
+        li: usize,
+        start: usize,
+        t: usize,
+        model: &CausalLm,
+    ) -> Result<Tensor> {
+        let b = cache.batch;
+        let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let g = hq / kv;
+        let mut q = self.q.forward(x)?.to_vec::<f32>()?;
+        let mut k = self.k.forward(x)?.to_vec::<f32>()?;
+        let v = self.v.forward(x)?.to_vec::<f32>()?;
+        for (tok, (cos, sin)) in cos_sin.iter().enumerate() {
+            for h in 0..hq {
+                rotate_with(&mut q[(tok * hq + h) * d..][..d], cos, sin);
+            }
+            for h in 0..kv {
+                rotate_with(&mut k[(tok * kv + h) * d..][..d], cos, sin);
+            }
+        }
+        {
+            let cap = cache.capacity;
+            let layer = &mut cache.layers[li];
+            for bb in 0..b {
+                for h in 0..kv {
+                    for i in 0..t {
+                        let dst = ((bb * kv + h) * cap + start + i) * d;
+                        let src = ((bb * t + i) * kv + h) * d;
+                        layer.k[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                        layer.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                    }
+                }
+            }
+        }
+        let l = start + t;
+        let out = if g * t <= DECODE_ROWS {
+            self.attend_rows(&q, cache, li, start, t, l)?
+        } else {
+            self.attend_tensor(&q, cache, li, start, t, l, model)?
+        };
+        let o = Tensor::from_vec(out, &[b, t, hq * d])?;
+        Ok(self
+            .o
+            .forward_fused(&o, Activation::Identity, Some(residual))?)
+    }
+
+    /// Decode-size blocks: the rows of one (row, kv head) against its cached keys with the
+    /// decode kernel, (row, kv head) pairs in parallel.
+    fn attend_rows(
+        &self,
+        q: &[f32],
+        cache: &KvCache,
+        li: usize,
+        start: usize,
+        t: usize,
+        l: usize,
+    ) -> Result<Vec<f32>> {
+        let b = cache.batch;
+        let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let g = hq / kv;
+        let scale = 1.0 / (d as f32).sqrt();
+        let layer = &cache.layers[li];
+        let window = self.window;
+        let blocks: Vec<Result<Vec<f32>>> = (0..b * kv)
+            .into_par_iter()
+            .map(|bh| {
+                let (bb, h) = (bh / kv, bh % kv);
+                // rows (token i, group member j) of this kv head
+                let rows = t * g;
+                let mut qs = vec![0f32; rows * d];
+                let mut mask = vec![0f32; rows * l];
+                for i in 0..t {
+                    for j in 0..g {
+                        let r = i * g + j;
+                        let src = ((bb * t + i) * hq + h * g + j) * d;
+                        qs[r * d..(r + 1) * d].copy_from_slice(&q[src..src + d]);
+                        let qi = start + i;
+                        for key in 0..l {
+                            if !attends(window, qi, key, cache.valid[bb * cache.capacity + key]) {
+                                mask[r * l + key] = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                }
+                let off = cache.slot(bb, h, 0);
+                let mut out = vec![0f32; rows * d];
+                mgm_kernels::attention::cpu(
+                    &qs,
+                    &layer.k[off..off + l * d],
+                    &layer.v[off..off + l * d],
+                    Some(&mask),
+                    mgm_kernels::attention::Shape {
+                        rows,
+                        keys: l,
+                        d,
+                        dv: d,
+                    },
+                    scale,
+                    &mut out,
+                )?;
+                Ok(out)
+            })
+            .collect();
+        let mut out = vec![0f32; b * t * hq * d];
+        for (bh, blk) in blocks.into_iter().enumerate() {
+            let blk = blk?;
+            let (bb, h) = (bh / kv, bh % kv);
+            for i in 0..t {
+                for j in 0..g {
+                    let r = i * g + j;
+                    let dst = ((bb * t + i) * hq + h * g + j) * d;
+                    out[dst..dst + d].copy_from_slice(&blk[r * d..(r + 1) * d]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Long blocks (prefill): the cached keys as tensors and the fused attention.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_tensor(
+        &self,
+        q: &[f32],
+        cache: &KvCache,
+        li: usize,
+        start: usize,
+        t: usize,
+        l: usize,
+        model: &CausalLm,
+    ) -> Result<Vec<f32>> {
+        let b = cache.batch;
+        let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let g = hq / kv;
+        let layer = &cache.layers[li];
+        let take = |buf: &[f32]| -> Vec<f32> {
+            let mut o = Vec::with_capacity(b * kv * l * d);
+            for bb in 0..b {
+                for h in 0..kv {
+                    let off = cache.slot(bb, h, 0);
+                    o.extend_from_slice(&buf[off..off + l * d]);
+                }
+            }
+            o
+        };
+        let k = Tensor::from_vec(take(&layer.k), &[b, kv, 1, l, d])?;
+        let v = Tensor::from_vec(take(&layer.v), &[b, kv, 1, l, d])?;
+        let q = Tensor::from_vec(q.to_vec(), &[b, t, kv, g, d])?.permute(&[0, 2, 3, 1, 4])?;
+        let mask = model.mask(b, t, start, l, |bb, j| cache.valid[bb * cache.capacity + j])?;
+        let o = mgm_tensor::nn::scaled_dot_product_attention(&q, &k, &v, Some(&mask), None)?;
+        Ok(o.permute(&[0, 3, 1, 2, 4])?.contiguous()?.to_vec::<f32>()?)
+    }
+}
