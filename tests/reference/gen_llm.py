@@ -74,6 +74,16 @@ The cases:
   w1/w3 are the two halves of gate_up_proj and w2 is down_proj, and that a save with
   save_original_format=False (the fused names, not committed) loads back to the same logits.
 - llm_mistral: MistralForCausalLM, sliding_window 4 (a query at i sees keys i-3..i), T = 12.
+- llm_llama_trained: the realistic-scale model of the quantization tests. A LlamaForCausalLM
+  (vocab 256 = bytes, hidden 64, 4 layers, GQA 4/2 heads of 16, intermediate 128) from transformers'
+  own init (normal(0, 0.02), not `randomize`), trained here (`train`: AdamW, weight decay 0.1 on the
+  matrices, 400 steps of 32 x 64 bytes, warmup then cosine, deterministic algorithms, ~30 s on 2
+  cores) on a seeded English-like corpus (`corpus_text`: a small grammar with Zipf word
+  frequencies), until the loss falls from ~5.2 to ~0.37 nats/byte (asserted: to below half). Its
+  inputs are byte windows of held-out text starting at a sentence, not random ids (random ids are
+  off the training distribution, where a trained model's logits mean nothing). The generator prints
+  the losses, a greedy sample and the logits error of a fake quantization of every Linear in q8 /
+  q4 (mgm-kernels' group-32 formats, `fake_quant`): ~2.5e-3 / ~3.6e-2.
 - tokenizer_bpe: a byte-level BPE (vocab 400) trained here with the tokenizers package on a fixed
   corpus, LLaMA-3-style pre-tokenizer regex, special tokens <unk> <s> </s> <pad> (ids 0-3), a
   TemplateProcessing post-processor that prepends <s>; tokenizer.json, tokenizer_config.json (special
@@ -83,8 +93,9 @@ The cases:
   tokenize=False and tokenize=True (add_generation_prompt as listed), or the error text a
   conversation raises; `chat_template` holds the template text.
 
-Run through `cargo xtask reference`, which installs the pinned versions from requirements.txt.
-Deterministic: rerunning rewrites identical files.
+Run through `cargo xtask reference`, which installs the pinned versions from requirements.txt;
+`gen_llm.py CASE...` regenerates only the named cases. Deterministic: rerunning rewrites identical
+files.
 """
 
 import json
@@ -93,6 +104,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import jinja2
 import tokenizers
@@ -219,11 +231,12 @@ def margins(logits):
 class Case:
     """One model directory: the in-memory model it was saved from, and loaders of the saved copy."""
 
-    def __init__(self, name, cls, config, seed, gemma_norm=False, out_gain=1.0):
+    def __init__(self, name, cls, config, seed, gemma_norm=False, out_gain=1.0, randomized=True):
         self.name, self.cls, self.seed = name, cls, seed
         torch.manual_seed(seed)
-        self.model = cls(config).eval()
-        randomize(self.model, seed, gemma_norm, out_gain)
+        self.model = cls(config).eval()  # transformers' own init (normal(0, initializer_range))
+        if randomized:
+            randomize(self.model, seed, gemma_norm, out_gain)
         self.dir = fresh_dir(name)
 
     def load(self):
@@ -233,6 +246,10 @@ class Case:
     def vocab(self):
         return self.model.config.vocab_size
 
+    def draw(self, g, shape):
+        """Input ids for the forward and generate files: uniform random ids >= FIRST_ID."""
+        return draw_ids(g, shape, self.vocab())
+
 
 def draw_ids(g, shape, vocab):
     return torch.randint(FIRST_ID, vocab, shape, generator=g, dtype=torch.int64)
@@ -241,9 +258,9 @@ def draw_ids(g, shape, vocab):
 def write_forward(case, extra=None):
     """inputs/expected and inputs_padded/expected_padded. Returns a short summary string."""
     cfg = case.model.config
-    V, pad = case.vocab(), pad_id_of(cfg)
+    pad = pad_id_of(cfg)
     g = torch.Generator().manual_seed(case.seed + 1)
-    ids = draw_ids(g, (2, T), V)
+    ids = case.draw(g, (2, T))
     with torch.inference_mode():
         o = case.load()(ids, output_hidden_states=True, output_router_logits=extra == "router")
         # the in-memory model computes the same
@@ -259,8 +276,8 @@ def write_forward(case, extra=None):
     save({"input_ids": ids}, os.path.join(case.dir, "inputs.safetensors"))
     save(expected, os.path.join(case.dir, "expected.safetensors"))
 
-    row0 = draw_ids(g, (T,), V)
-    row1 = draw_ids(g, (T - N_PAD,), V)
+    row0 = case.draw(g, (T,))
+    row1 = case.draw(g, (T - N_PAD,))
     pids = torch.stack([row0, torch.cat([torch.full((N_PAD,), pad, dtype=torch.int64), row1])])
     mask = torch.ones(2, T, dtype=torch.int64)
     mask[1, :N_PAD] = 0
@@ -344,12 +361,12 @@ def run_generate(case, ids, mask=None):
 
 def write_generate(case):
     cfg = case.model.config
-    V, pad = case.vocab(), pad_id_of(cfg)
+    pad = pad_id_of(cfg)
     dynamic = case.name == "llm_llama_dynamic"
     for attempt in range(50):
         g = torch.Generator().manual_seed(case.seed + 100 + attempt)
-        prompt = draw_ids(g, (1, P), V)
-        short = draw_ids(g, (1, P - BATCH_PAD), V)
+        prompt = case.draw(g, (1, P))
+        short = case.draw(g, (1, P - BATCH_PAD))
         bprompt = torch.cat([prompt, torch.cat([torch.full((1, BATCH_PAD), pad), short], 1)])
         bmask = torch.ones(2, P, dtype=torch.int64)
         bmask[1, :BATCH_PAD] = 0
@@ -578,6 +595,209 @@ def mistral_case():
 
 
 # ----------------------------------------------------------------------------------------------
+# a trained LLaMA: realistic weight scale for the quantization tests
+
+TRAIN_SEED = 7000
+TRAIN_STEPS = 400
+TRAIN_BATCH = 32
+TRAIN_LEN = 64  # bytes per training window (each predicts the next 64)
+TRAIN_LR = 3e-3
+TRAIN_WARMUP = 20
+TRAIN_WD = 0.1  # AdamW weight decay of the matrices (embeddings and lm_head included); none on norms
+
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+NOUNS = [("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("fox", "foxes"), ("child", "children"),
+         ("box", "boxes"), ("apple", "apples"), ("tree", "trees"), ("horse", "horses"), ("mouse", "mice")]
+ADJS = ["red", "small", "big", "old", "happy", "green", "quiet", "brown", "young", "tall"]
+VERBS = [("sees", "see"), ("likes", "like"), ("finds", "find"), ("chases", "chase"), ("watches", "watch"),
+         ("follows", "follow"), ("wants", "want"), ("carries", "carry")]
+PLACES = ["in the garden", "at the park", "by the river", "under the tree", "on the hill", "near the house"]
+NUMS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def zipf(rng, items):
+    """A word with probability proportional to 1 / rank: unequal frequencies give greedy decoding clear margins."""
+    return rng.choices(items, weights=[1.0 / (i + 1) for i in range(len(items))])[0]
+
+
+def sentence(rng):
+    """One sentence of a small English-like grammar (number agreement, counting, fixed phrases)."""
+    kind = rng.randrange(6)
+    n1, n2 = zipf(rng, NOUNS), zipf(rng, NOUNS)
+    a1, a2 = zipf(rng, ADJS), zipf(rng, ADJS)
+    v = zipf(rng, VERBS)
+    if kind == 0:
+        s = f"the {a1} {n1[0]} {v[0]} the {n2[0]}"
+    elif kind == 1:
+        k = rng.randrange(2, 10)
+        s = f"{NUMS[k - 1]} {a1} {n1[1]} {v[1]} a {a2} {n2[0]} {zipf(rng, PLACES)}"
+    elif kind == 2:
+        k = rng.randrange(1, 10)
+        s = f"{zipf(rng, NAMES)} has {NUMS[k - 1]} {n1[0] if k == 1 else n1[1]}"
+    elif kind == 3:
+        x, y = rng.sample(NAMES, 2)
+        s = f"{x} and {y} {v[1]} the {a1} {n1[1]}"
+    elif kind == 4:
+        k = rng.randrange(3, 10)
+        s = f"{zipf(rng, NAMES)} counts to {NUMS[k - 1]}: {' '.join(NUMS[:k])}"
+    else:
+        s = f"the {n1[0]} is {a1} and the {n2[1]} are {a2}"
+    return s[0].upper() + s[1:] + "."
+
+
+def corpus_text(seed, n_sentences):
+    """Paragraphs of 3..6 sentences joined by spaces, one paragraph per line (ASCII: no id < 10 occurs)."""
+    import random
+
+    rng = random.Random(seed)
+    lines, left = [], n_sentences
+    while left > 0:
+        k = min(left, rng.randrange(3, 7))
+        lines.append(" ".join(sentence(rng) for _ in range(k)))
+        left -= k
+    return "\n".join(lines) + "\n"
+
+
+class TrainedCase(Case):
+    """Inputs are byte windows of held-out corpus text starting at a sentence start, not random ids."""
+
+    def __init__(self, *args, text, **kw):
+        super().__init__(*args, **kw)
+        self.text = torch.tensor(list(text.encode("ascii")), dtype=torch.int64)
+        starts = [0] + [i + 2 for i in range(len(text) - 2) if text[i] == "." and text[i + 1] in " \n"]
+        self.starts = torch.tensor([s for s in starts if s + 2 * T <= len(text)])
+
+    def draw(self, g, shape):
+        rows, n = math.prod(shape[:-1]), shape[-1]
+        at = self.starts[torch.randint(0, len(self.starts), (rows,), generator=g)]
+        return self.text[at[:, None] + torch.arange(n)].view(shape)
+
+
+def train(model, data, seed):
+    """AdamW on random windows of `data`; linear warmup then cosine to 10% of the peak rate."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
+    rest = [p for n, p in model.named_parameters() if p.ndim != 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN_WD}, {"params": rest, "weight_decay": 0.0}],
+                            lr=TRAIN_LR, betas=(0.9, 0.95), eps=1e-8)
+
+    def lr_at(step):
+        if step < TRAIN_WARMUP:
+            return TRAIN_LR * (step + 1) / TRAIN_WARMUP
+        t = (step - TRAIN_WARMUP) / (TRAIN_STEPS - TRAIN_WARMUP)
+        return TRAIN_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    losses = []
+    for step in range(TRAIN_STEPS):
+        at = torch.randint(0, len(data) - TRAIN_LEN - 1, (TRAIN_BATCH,), generator=g)
+        win = data[at[:, None] + torch.arange(TRAIN_LEN + 1)]
+        logits = model(win[:, :-1], use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def held_out_loss(model, data):
+    """Mean next-byte cross entropy over consecutive TRAIN_LEN windows of `data`."""
+    n = (len(data) - 1) // TRAIN_LEN
+    x = data[: n * TRAIN_LEN].view(n, TRAIN_LEN)
+    y = data[1: n * TRAIN_LEN + 1].view(n, TRAIN_LEN)
+    with torch.inference_mode():
+        logits = model(x, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
+
+
+def round_away(x):
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)  # f32::round, as mgm-kernels' quantizer
+
+
+def fake_quant(w, bits):
+    """mgm-kernels' q8 / q4 (groups of 32 inputs, f16 scale), dequantized back to f32."""
+    out, k = w.shape
+    assert k % 32 == 0
+    gw = w.view(out, k // 32, 32)
+    if bits == 8:
+        d = (gw.abs().amax(-1, keepdim=True) / 127.0).half().float()
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        q = round_away(gw * inv).clamp(-127, 127)
+        return (q * d).view(out, k)
+    idx = gw.abs().argmax(-1, keepdim=True)  # first of largest magnitude (the Rust fold keeps the first too)
+    d = (gw.gather(-1, idx) / -8.0).half().float()
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = (round_away(gw * inv) + 8).clamp(0, 15)
+    return ((q - 8) * d).view(out, k)
+
+
+def quant_estimate(case, ids):
+    """Relative Frobenius error of the logits with every Linear weight (lm_head included) fake-quantized."""
+    with torch.inference_mode():
+        ref = case.load()(ids).logits.double()
+        errs = {}
+        for bits in (8, 4):
+            model = case.load()
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.copy_(fake_quant(m.weight, bits))
+            got = model(ids).logits.double()
+            errs[bits] = ((got - ref).norm() / ref.norm()).item()
+    return errs
+
+
+def trained_case():
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, attention_bias=False, initializer_range=0.02,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    train_text = corpus_text(TRAIN_SEED, 6000)
+    held_text = corpus_text(TRAIN_SEED + 1, 600)
+    case = TrainedCase("llm_llama_trained", LlamaForCausalLM, config, TRAIN_SEED, randomized=False,
+                       text=held_text)
+    assert min(train_text.encode("ascii")) >= 10 and min(held_text.encode("ascii")) >= 10  # no special id
+    data = torch.tensor(list(train_text.encode("ascii")), dtype=torch.int64)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        t0 = time.perf_counter()
+        losses = train(case.model, data, TRAIN_SEED)
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    held = held_out_loss(case.model, case.text)
+    assert last < 0.5 * first, f"training did not learn: loss {first:.3f} -> {last:.3f}"
+    print(f"llm_llama_trained: {len(train_text)} training bytes, {TRAIN_STEPS} steps of {TRAIN_BATCH} x "
+          f"{TRAIN_LEN} in {seconds:.1f} s; loss (mean of 10 steps) {first:.3f} -> {last:.3f} nats/byte, "
+          f"held-out {held:.3f}")
+    case.model.save_pretrained(case.dir)
+    finish(case)
+
+    ids = load_file(os.path.join(case.dir, "inputs.safetensors"))["input_ids"]
+    gen = load_file(os.path.join(case.dir, "generate.safetensors"))
+    with torch.inference_mode():
+        hs = case.load()(ids, output_hidden_states=True).hidden_states
+    # how much each decoder layer changes the residual stream (hs[L] is after the final norm: left out)
+    change = [((hs[i + 1] - hs[i]).norm() / hs[i].norm()).item() for i in range(len(hs) - 2)]
+    longer = case.draw(torch.Generator().manual_seed(TRAIN_SEED + 2), (4, 64))
+    err, err_long = quant_estimate(case, ids), quant_estimate(case, longer)
+    print(f"llm_llama_trained: inputs {bytes(ids[0].tolist())!r}, {bytes(ids[1].tolist())!r}; greedy "
+          f"{bytes(gen['prompt_ids'][0].tolist())!r} -> {bytes(gen['output_ids'][0, P:].tolist())!r}")
+    print(f"llm_llama_trained: |layer change| / |residual| per layer {', '.join(f'{c:.2f}' for c in change)}; "
+          f"weight-only fake quant, logits rel Frobenius error on inputs.safetensors: q8 {err[8]:.2e}, "
+          f"q4 {err[4]:.2e} (4 x 64 held-out bytes: q8 {err_long[8]:.2e}, q4 {err_long[4]:.2e})")
+
+
+# ----------------------------------------------------------------------------------------------
 # tokenizer
 
 CORPUS = [
@@ -764,13 +984,15 @@ def main():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-    llama_case()
-    v4config_case()
-    dynamic_case()
-    gemma_case()
-    mixtral_case()
-    mistral_case()
-    tokenizer_case()
+    cases = {"llm_llama": llama_case, "llm_llama_v4config": v4config_case, "llm_llama_dynamic": dynamic_case,
+             "llm_gemma": gemma_case, "llm_mixtral": mixtral_case, "llm_mistral": mistral_case,
+             "llm_llama_trained": trained_case, "tokenizer_bpe": tokenizer_case}
+    chosen = sys.argv[1:] or list(cases)  # case names to regenerate; none: all of them
+    unknown = [c for c in chosen if c not in cases]
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; known: {list(cases)}")
+    for name in chosen:
+        cases[name]()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ mod simd;
 
 pub mod gemm;
 pub mod layer_norm_gelu;
+pub mod quant;
 pub mod rms_norm;
 pub mod softmax;
 pub mod topk_attention;

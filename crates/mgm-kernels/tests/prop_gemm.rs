@@ -79,6 +79,7 @@ fn run_case(case: &Case, path: &str) -> Result<f64, String> {
     let out = MatMut::new(&mut got, m, n, ldc).expect("out");
     match path {
         "cpu" => gemm::cpu(a, b, out, &epi),
+        "gemv" => gemm::gemv(a, b.t(), out, &epi),
         "cpu_serial" => gemm::cpu_packed(
             &PackedLhs::new(a),
             &PackedRhs::new(b),
@@ -196,6 +197,10 @@ proptest! {
         for path in paths() {
             let err = run_case(&case, path).map_err(TestCaseError::fail)?;
             common::record(KERNEL, path, err);
+        }
+        if m <= gemm::GEMV_ROWS && b_t && !a_t {
+            let err = run_case(&case, "gemv").map_err(TestCaseError::fail)?;
+            common::record(KERNEL, "gemv", err);
         }
     }
 }

@@ -25,6 +25,8 @@ pub use cache::KvCache;
 pub use config::{Arch, DecoderConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, generate};
+/// The weight-only quantization formats ([`CausalLm::quantize`]).
+pub use mgm_kernels::quant::QuantFormat;
 pub use model::{CausalLm, Positions};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{Message, TextDeltas, Tokenizer};

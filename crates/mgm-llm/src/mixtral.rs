@@ -34,14 +34,14 @@ impl Moe {
     /// Loads the router and the experts from `vs` (the `block_sparse_moe` prefix).
     pub fn load(vs: &VarStore, c: &DecoderConfig) -> Result<Moe> {
         let (h, inner) = (c.hidden_size, c.intermediate_size);
-        let router = Linear::load(&vs.pp("gate"), h, c.num_local_experts, false)?;
+        let router = Linear::load_mapped(&vs.pp("gate"), h, c.num_local_experts, false)?;
         let experts = (0..c.num_local_experts)
             .map(|e| {
                 let x = vs.pp(&format!("experts.{e}"));
                 Ok(Mlp {
-                    gate: Linear::load(&x.pp("w1"), h, inner, false)?,
-                    up: Linear::load(&x.pp("w3"), h, inner, false)?,
-                    down: Linear::load(&x.pp("w2"), inner, h, false)?,
+                    gate: Linear::load_mapped(&x.pp("w1"), h, inner, false)?,
+                    up: Linear::load_mapped(&x.pp("w3"), h, inner, false)?,
+                    down: Linear::load_mapped(&x.pp("w2"), inner, h, false)?,
                     act: c.hidden_act,
                 })
             })
@@ -51,6 +51,31 @@ impl Moe {
             experts,
             top_k: c.num_experts_per_tok,
         })
+    }
+
+    /// The router (`gate`) and every expert's layers with their names under the block.
+    pub(crate) fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v = vec![("gate".to_string(), &self.router)];
+        for (e, m) in self.experts.iter().enumerate() {
+            for (n, l) in [("w1", &m.gate), ("w3", &m.up), ("w2", &m.down)] {
+                v.push((format!("experts.{e}.{n}"), l));
+            }
+        }
+        v
+    }
+
+    /// Quantizes the experts (the router stays f32: it is small, and its top-k choice is
+    /// sensitive to rounding).
+    pub(crate) fn quantize_experts(
+        &mut self,
+        format: mgm_kernels::quant::QuantFormat,
+    ) -> Result<()> {
+        for m in &mut self.experts {
+            for l in [&mut m.gate, &mut m.up, &mut m.down] {
+                *l = l.quantize(format)?;
+            }
+        }
+        Ok(())
     }
 
     /// The routing of `x` `[.., hidden]` (one row per token).

@@ -14,7 +14,8 @@
 
 use std::path::Path;
 
-use mgm_tensor::nn::{Activation, Embedding, Linear, Module, RmsNorm, VarStore};
+use mgm_kernels::quant::QuantFormat;
+use mgm_tensor::nn::{Activation, Embedding, Linear, Module, Param, RmsNorm, VarStore};
 use mgm_tensor::{DType, Tensor, needs_grad};
 use rayon::prelude::*;
 
@@ -80,6 +81,8 @@ struct Layer {
 #[derive(Clone, Debug)]
 pub struct CausalLm {
     config: DecoderConfig,
+    /// config.json as read (written back by [`CausalLm::save`]).
+    config_json: serde_json::Value,
     embed: Embedding,
     /// Gemma multiplies the embeddings by `sqrt(hidden)` (rounded to the compute dtype).
     embed_scale: Option<f32>,
@@ -150,7 +153,12 @@ impl CausalLm {
             });
         };
         let vs = vs.with_dtype(DType::F32);
-        let model = Self::load(&vs, &config)?;
+        let mut model = Self::load(&vs, &config)?;
+        let cfg_path = dir.join("config.json");
+        model.config_json = std::fs::read_to_string(&cfg_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
         // rotary buffers some checkpoints store
         vs.finish_ignoring(|n| n.ends_with("rotary_emb.inv_freq"))?;
         Ok(model)
@@ -176,7 +184,7 @@ impl CausalLm {
             let l = root.pp(&format!("layers.{i}"));
             let at = l.pp("self_attn");
             let proj = |name: &str, inp: usize, out: usize, bias: bool| {
-                Linear::load(&at.pp(name), inp, out, bias)
+                Linear::load_mapped(&at.pp(name), inp, out, bias)
             };
             let attn = Attention {
                 q: proj("q_proj", h, c.num_attention_heads * d, c.attention_bias)?,
@@ -193,7 +201,7 @@ impl CausalLm {
             } else {
                 let m = l.pp("mlp");
                 let lin = |name: &str, inp: usize, out: usize| {
-                    Linear::load(&m.pp(name), inp, out, c.mlp_bias)
+                    Linear::load_mapped(&m.pp(name), inp, out, c.mlp_bias)
                 };
                 Ffn::Mlp(Mlp {
                     gate: lin("gate_proj", h, c.intermediate_size)?,
@@ -210,18 +218,22 @@ impl CausalLm {
             });
         }
         let final_norm = norm(&root.pp("norm"))?;
-        let lm_head = if c.tie_word_embeddings {
+        let lm_head = if c.tie_word_embeddings && !vs.contains("lm_head.weight.qdata") {
             // a checkpoint may still carry the tied copy
             vs.mark_used("lm_head.weight");
-            Linear::new(embed.weight().clone(), None)?
+            match embed.weight() {
+                Param::Frozen(w) => Linear::new_mapped(w.clone(), None)?,
+                p => Linear::new(p.clone(), None)?,
+            }
         } else {
-            Linear::load(&vs.pp("lm_head"), h, c.vocab_size, false)?
+            Linear::load_mapped(&vs.pp("lm_head"), h, c.vocab_size, false)?
         };
         let rot = ((d as f64) * c.partial_rotary_factor) as usize;
         let rope = Rope::new(rot, c.rope_theta, c.rope_scaling, c.max_position_embeddings);
         let embed_scale = gemma.then(|| (h as f64).sqrt() as f32);
         Ok(CausalLm {
             config: c.clone(),
+            config_json: serde_json::Value::Null,
             embed,
             embed_scale,
             layers,
@@ -234,6 +246,164 @@ impl CausalLm {
     /// The configuration.
     pub fn config(&self) -> &DecoderConfig {
         &self.config
+    }
+
+    /// Every linear layer with its checkpoint name (the MoE routers, tiny and sensitive, are
+    /// left out of quantization but included here).
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.attn;
+            for (n, lin) in [
+                ("q_proj", &a.q),
+                ("k_proj", &a.k),
+                ("v_proj", &a.v),
+                ("o_proj", &a.o),
+            ] {
+                v.push((format!("{p}.self_attn.{n}"), lin));
+            }
+            match &l.ffn {
+                Ffn::Mlp(m) => {
+                    for (n, lin) in [
+                        ("gate_proj", &m.gate),
+                        ("up_proj", &m.up),
+                        ("down_proj", &m.down),
+                    ] {
+                        v.push((format!("{p}.mlp.{n}"), lin));
+                    }
+                }
+                Ffn::Moe(m) => {
+                    for (name, lin) in m.linears() {
+                        v.push((format!("{p}.block_sparse_moe.{name}"), lin));
+                    }
+                }
+            }
+        }
+        v.push(("lm_head".to_string(), &self.lm_head));
+        v
+    }
+
+    /// The model with every projection quantized to `format`; the LM head to `format` for q8
+    /// and to q8 for q4 (as llama.cpp keeps its output tensor at higher precision: the head's
+    /// error lands on the logits undamped, and 4 bits cost about 8% there). Embeddings, norms
+    /// and MoE routers stay f32.
+    pub fn quantize(&self, format: QuantFormat) -> Result<CausalLm> {
+        if let Some(have) = self.quantization().filter(|&f| f != format) {
+            return Err(Error::input(
+                "quantize",
+                format!(
+                    "the model is stored quantized to {}; it cannot be requantized to {} \
+                     (start from the f32 checkpoint)",
+                    have.name(),
+                    format.name()
+                ),
+            ));
+        }
+        let q = |l: &Linear| l.quantize(format).map_err(Error::from);
+        let mut m = self.clone();
+        for l in &mut m.layers {
+            let a = &mut l.attn;
+            for lin in [&mut a.q, &mut a.k, &mut a.v, &mut a.o] {
+                *lin = q(lin)?;
+            }
+            match &mut l.ffn {
+                Ffn::Mlp(mlp) => {
+                    for lin in [&mut mlp.gate, &mut mlp.up, &mut mlp.down] {
+                        *lin = q(lin)?;
+                    }
+                }
+                Ffn::Moe(moe) => moe.quantize_experts(format)?,
+            }
+        }
+        m.lm_head = m.lm_head.quantize(QuantFormat::Q8)?;
+        Ok(m)
+    }
+
+    /// The quantization of the projections, if they are all quantized to one format.
+    pub fn quantization(&self) -> Option<QuantFormat> {
+        let formats: Vec<Option<QuantFormat>> = self
+            .linears()
+            .iter()
+            .filter(|(n, _)| !n.ends_with(".gate") && n != "lm_head")
+            .map(|(_, l)| l.quantized().map(|q| q.format()))
+            .collect();
+        let first = *formats.first()?;
+        formats
+            .iter()
+            .all(|f| *f == first)
+            .then_some(first)
+            .flatten()
+    }
+
+    /// Bytes of all weights as held in memory (embeddings, norms, projections, head).
+    pub fn weight_bytes(&self) -> usize {
+        let mut b: usize = self.linears().iter().map(|(_, l)| l.weight_bytes()).sum();
+        let e = self.embed.weight().tensor();
+        let tied_mapped = self.config.tie_word_embeddings && self.lm_head.quantized().is_none();
+        if !tied_mapped {
+            b += e.numel() * 4;
+        }
+        b + self.norm_bytes()
+    }
+
+    fn norm_bytes(&self) -> usize {
+        let h = self.config.hidden_size * 4;
+        h * (2 * self.layers.len() + 1)
+    }
+
+    /// Writes `dir/config.json` and `dir/model.safetensors` (quantized layers as
+    /// `NAME.weight.qdata` + `NAME.weight.qscale`, which [`CausalLm::from_dir`] reads back in
+    /// place, without a copy). The tokenizer files are not written (copy them alongside).
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let mut tensors: Vec<(String, Tensor)> = vec![(
+            "model.embed_tokens.weight".into(),
+            self.embed.weight().tensor(),
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            tensors.push((
+                format!("{p}.input_layernorm.weight"),
+                l.input_norm.weight().tensor(),
+            ));
+            tensors.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_norm.weight().tensor(),
+            ));
+        }
+        tensors.push(("model.norm.weight".into(), self.norm.weight().tensor()));
+        for (name, lin) in self.linears() {
+            if name == "lm_head" && self.config.tie_word_embeddings && lin.quantized().is_none() {
+                continue;
+            }
+            match lin.quantized_tensors(&name)? {
+                Some(ts) => tensors.extend(ts),
+                None => {
+                    let w = lin.weight().expect("not quantized, so it has a weight");
+                    tensors.push((format!("{name}.weight"), w.tensor()));
+                    if let Some(b) = lin.bias() {
+                        tensors.push((format!("{name}.bias"), b.tensor()));
+                    }
+                }
+            }
+        }
+        let path = dir.join("model.safetensors");
+        mgm_tensor::safetensors::save(&path, tensors.iter().map(|(n, t)| (n.as_str(), t)))?;
+        let mut cfg = self.config_json.clone();
+        if let Some(f) = self.quantization() {
+            cfg["mgm_quantization"] = serde_json::Value::from(f.name());
+        }
+        let text = serde_json::to_string_pretty(&cfg).expect("a JSON value serialises");
+        std::fs::write(dir.join("config.json"), text).map_err(|source| Error::Io {
+            path: dir.join("config.json").display().to_string(),
+            source,
+        })?;
+        Ok(())
     }
 
     /// A cache for `batch` sequences of up to `capacity` tokens each (prompt plus new tokens).

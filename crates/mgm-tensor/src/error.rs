@@ -160,6 +160,14 @@ pub enum Error {
         /// The checkpoint file.
         path: String,
     },
+    /// A call that is invalid for the layer or op as configured.
+    #[error("{op}: {msg}")]
+    InvalidInput {
+        /// The operation or layer.
+        op: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
     /// A compute kernel rejected its arguments (names the kernel and the sizes).
     #[error(transparent)]
     Kernel(#[from] mgm_kernels::Error),
@@ -225,6 +233,14 @@ impl Error {
             op,
             dtype,
             detail: detail.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid_input(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            op,
+            msg: msg.into(),
         }
     }
 

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use mgm_llm::{CausalLm, Positions};
 use mgm_tensor::nn::VarStore;
 use mgm_tensor::{DType, Tensor};
 use mgm_vision::clip::{ClipVisionConfig, ClipVisionModel};
@@ -11,24 +12,37 @@ use mgm_vision::convnext::{ConvNextConfig, ConvNextModel};
 use crate::{Error, Result};
 
 /// Architectures `mgm forward` runs, as spelled in config.json's `architectures`.
-pub const SUPPORTED: &[&str] = &["CLIPVisionModel", "ConvNextModel"];
+pub const SUPPORTED: &[&str] = &[
+    "CLIPVisionModel",
+    "ConvNextModel",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "GemmaForCausalLM",
+    "MixtralForCausalLM",
+];
 
 /// How to load a model.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
     /// Weight and matmul dtype: F32 or BF16 (norms and softmax run in f32).
     pub dtype: DType,
+    /// Quantize a causal LM's projections at load (weight-only; None: as stored).
+    pub quant: Option<mgm_llm::QuantFormat>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { dtype: DType::F32 }
+        Options {
+            dtype: DType::F32,
+            quant: None,
+        }
     }
 }
 
 enum Arch {
     Clip(Box<ClipVisionModel>),
     ConvNext(Box<ConvNextModel>),
+    CausalLm(Box<CausalLm>),
 }
 
 /// A loaded model of one of the [`SUPPORTED`] architectures.
@@ -53,6 +67,10 @@ fn architecture(config_path: &Path) -> Result<String> {
     match v["model_type"].as_str() {
         Some("clip_vision_model") => Ok("CLIPVisionModel".into()),
         Some("convnext") => Ok("ConvNextModel".into()),
+        Some("llama") => Ok("LlamaForCausalLM".into()),
+        Some("mistral") => Ok("MistralForCausalLM".into()),
+        Some("gemma") => Ok("GemmaForCausalLM".into()),
+        Some("mixtral") => Ok("MixtralForCausalLM".into()),
         Some(other) => Ok(other.to_string()),
         None => Err(Error::Config {
             path,
@@ -98,6 +116,16 @@ impl Model {
     pub fn load(dir: &Path, options: Options) -> Result<Model> {
         let config_path = dir.join("config.json");
         let arch = architecture(&config_path)?;
+        let is_lm = arch.ends_with("ForCausalLM");
+        if let (Some(f), false) = (options.quant, is_lm) {
+            return Err(Error::Config {
+                path: config_path.display().to_string(),
+                msg: format!(
+                    "--quant {} applies to causal LMs; {arch} runs in f32 or bf16",
+                    f.name()
+                ),
+            });
+        }
         let arch = match arch.as_str() {
             "CLIPVisionModel" => {
                 let cfg = ClipVisionConfig::from_file(&config_path)?;
@@ -112,6 +140,24 @@ impl Model {
                     options.dtype,
                 )?))
             }
+            "LlamaForCausalLM" | "MistralForCausalLM" | "GemmaForCausalLM"
+            | "MixtralForCausalLM" => {
+                if options.dtype != DType::F32 {
+                    return Err(Error::Config {
+                        path: config_path.display().to_string(),
+                        msg: format!(
+                            "causal LMs run in f32 (weights may be quantized with --quant), not \
+                             {:?}",
+                            options.dtype
+                        ),
+                    });
+                }
+                let m = CausalLm::from_dir(dir)?;
+                Arch::CausalLm(Box::new(match options.quant {
+                    Some(f) => m.quantize(f)?,
+                    None => m,
+                }))
+            }
             _ => {
                 return Err(Error::UnsupportedArchitecture {
                     path: config_path.display().to_string(),
@@ -125,15 +171,24 @@ impl Model {
 
     /// The architecture's transformers class name.
     pub fn architecture(&self) -> &'static str {
-        match self.arch {
+        match &self.arch {
             Arch::Clip(_) => "CLIPVisionModel",
             Arch::ConvNext(_) => "ConvNextModel",
+            Arch::CausalLm(m) => match m.config().arch {
+                mgm_llm::Arch::Llama => "LlamaForCausalLM",
+                mgm_llm::Arch::Mistral => "MistralForCausalLM",
+                mgm_llm::Arch::Gemma => "GemmaForCausalLM",
+                mgm_llm::Arch::Mixtral => "MixtralForCausalLM",
+            },
         }
     }
 
     /// Runs the model; outputs in transformers' order and names (`last_hidden_state`,
     /// `pooler_output`, `hidden_states.0` ..), all f32.
     pub fn forward(&self, inputs: &HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>> {
+        if let Arch::CausalLm(m) = &self.arch {
+            return causal_lm_forward(m, inputs);
+        }
         let x = pixel_values(inputs)?;
         let (last, pooled, hidden) = match &self.arch {
             Arch::Clip(m) => {
@@ -144,6 +199,7 @@ impl Model {
                 let o = m.forward(x)?;
                 (o.last_hidden_state, o.pooler_output, o.hidden_states)
             }
+            Arch::CausalLm(_) => unreachable!("returned above"),
         };
         let f32 = |t: Tensor| t.to_dtype(DType::F32);
         let mut out = vec![("last_hidden_state".to_string(), f32(last)?)];
@@ -155,4 +211,73 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// An i64 `[B, T]` input, or `None` when absent and optional.
+fn ids_input<'a>(
+    inputs: &'a HashMap<String, Tensor>,
+    name: &str,
+    shape: Option<&[usize]>,
+) -> Result<Option<&'a Tensor>> {
+    let Some(t) = inputs.get(name) else {
+        return Ok(None);
+    };
+    let err = |msg: String| Error::Input {
+        name: name.into(),
+        msg,
+    };
+    if t.dtype() != DType::I64 {
+        return Err(err(format!("dtype {:?}, expected i64", t.dtype())));
+    }
+    if t.rank() != 2 {
+        return Err(err(format!("shape {:?}, expected [batch, seq]", t.shape())));
+    }
+    if let Some(s) = shape
+        && t.shape() != s
+    {
+        return Err(err(format!(
+            "shape {:?}, expected {s:?} like input_ids",
+            t.shape()
+        )));
+    }
+    Ok(Some(t))
+}
+
+/// `logits` of `input_ids` (optional `attention_mask`, `position_ids`), like
+/// `model(input_ids, attention_mask=..., position_ids=...)`.
+fn causal_lm_forward(
+    m: &CausalLm,
+    inputs: &HashMap<String, Tensor>,
+) -> Result<Vec<(String, Tensor)>> {
+    let ids = ids_input(inputs, "input_ids", None)?.ok_or_else(|| Error::Input {
+        name: "input_ids".into(),
+        msg: "missing from the inputs file".into(),
+    })?;
+    let shape = ids.shape().to_vec();
+    let (b, t) = (shape[0], shape[1]);
+    let mask = ids_input(inputs, "attention_mask", Some(&shape))?;
+    let positions = ids_input(inputs, "position_ids", Some(&shape))?;
+    let valid: Vec<bool> = match mask {
+        Some(mk) => mk.to_vec::<i64>()?.iter().map(|&v| v != 0).collect(),
+        None => vec![true; b * t],
+    };
+    let pos_ids: Vec<usize> = match positions {
+        Some(p) => p
+            .to_vec::<i64>()?
+            .into_iter()
+            .map(|v| {
+                usize::try_from(v).map_err(|_| Error::Input {
+                    name: "position_ids".into(),
+                    msg: format!("negative position {v}"),
+                })
+            })
+            .collect::<Result<_>>()?,
+        None => (0..b).flat_map(|_| 0..t).collect(),
+    };
+    let pos = Positions {
+        ids: pos_ids,
+        valid,
+    };
+    let logits = m.forward(ids, Some(&pos))?;
+    Ok(vec![("logits".to_string(), logits)])
 }

@@ -50,6 +50,9 @@ pub enum Error {
     /// A vision-tower error (config keys, weights, images).
     #[error(transparent)]
     Vision(#[from] mgm_vision::Error),
+    /// A language-model error (config keys, weights, tokens, templates).
+    #[error(transparent)]
+    Llm(#[from] mgm_llm::Error),
 }
 
 /// Result with the crate's [`Error`].

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mgm::forward::{Model, Options};
+use mgm_llm::QuantFormat;
 use mgm_tensor::DType;
 
 #[derive(Parser)]
@@ -37,7 +38,108 @@ enum Cmd {
         /// Weight and matmul dtype: f32 or bf16 (norms and softmax stay f32).
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Quantize a causal LM's weights at load: q8 or q4 (group-32, like q8_0 / q4_0).
+        #[arg(long, value_parser = parse_quant)]
+        quant: Option<QuantFormat>,
     },
+    /// Generate text with a causal LM, streaming it to stdout as it is produced.
+    Generate(GenerateArgs),
+    /// Quantize a causal LM and save it (loads back without re-quantizing, memory-mapped).
+    Quantize {
+        /// Model directory to read.
+        #[arg(long)]
+        model: PathBuf,
+        /// q8 or q4.
+        #[arg(long, value_parser = parse_quant)]
+        quant: QuantFormat,
+        /// Directory to write (config.json, model.safetensors and the tokenizer files).
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text (encoded with the model's tokenizer, BOS added as the tokenizer does).
+    #[arg(
+        long,
+        conflicts_with = "input_ids",
+        required_unless_present = "input_ids"
+    )]
+    prompt: Option<String>,
+    /// The prompt as token ids, comma-separated (no tokenizer needed with --print-ids).
+    #[arg(long, value_delimiter = ',')]
+    input_ids: Option<Vec<u32>>,
+    /// Wrap --prompt in the tokenizer's chat template as one user message.
+    #[arg(long)]
+    chat: bool,
+    /// New tokens at most.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling mass (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// transformers' repetition penalty (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print token ids instead of text.
+    #[arg(long)]
+    print_ids: bool,
+    /// Quantize the weights at load: q8 or q4 (a model saved by `mgm quantize` needs none).
+    #[arg(long, value_parser = parse_quant)]
+    quant: Option<QuantFormat>,
+}
+
+fn parse_quant(s: &str) -> std::result::Result<QuantFormat, String> {
+    QuantFormat::parse(s).ok_or_else(|| format!("{s:?}: expected q8 or q4"))
+}
+
+/// Files beside the weights that a quantized copy keeps.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+fn quantize(model: &Path, format: QuantFormat, output: &Path) -> Result<()> {
+    anyhow::ensure!(
+        model.canonicalize().ok() != output.canonicalize().ok(),
+        "--output {} is the model directory: write the quantized copy elsewhere",
+        output.display()
+    );
+    let m = mgm_llm::CausalLm::from_dir(model)?;
+    let q = m.quantize(format)?;
+    q.save(output)?;
+    for name in TOKENIZER_FILES {
+        let src = model.join(name);
+        if src.exists() {
+            std::fs::copy(&src, output.join(name))
+                .with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    println!(
+        "{} -> {} ({}): weights {:.1} MB -> {:.1} MB",
+        model.display(),
+        output.display(),
+        format.name(),
+        m.weight_bytes() as f64 / 1e6,
+        q.weight_bytes() as f64 / 1e6
+    );
+    Ok(())
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
@@ -74,10 +176,11 @@ fn forward(
     inputs: Option<PathBuf>,
     output: Option<PathBuf>,
     dtype: &str,
+    quant: Option<QuantFormat>,
 ) -> Result<()> {
     let dtype = parse_dtype(dtype)?;
     let inputs = inputs.unwrap_or_else(|| model.join("inputs.safetensors"));
-    let m = Model::load(model, Options { dtype })?;
+    let m = Model::load(model, Options { dtype, quant })?;
     let named = mgm_tensor::safetensors::load(&inputs)
         .with_context(|| format!("reading inputs {}", inputs.display()))?;
     let outs = m.forward(&named)?;
@@ -107,6 +210,71 @@ fn forward(
     Ok(())
 }
 
+fn generate(a: &GenerateArgs) -> Result<()> {
+    use std::io::Write;
+
+    use mgm_llm::{
+        CausalLm, GenerateOptions, Generation, Message, SamplingParams, TextDeltas, Tokenizer,
+    };
+    let model = CausalLm::from_dir(&a.model)?;
+    let model = match a.quant {
+        Some(f) => model.quantize(f)?,
+        None => model,
+    };
+    let tok = if a.prompt.is_some() || !a.print_ids {
+        Some(Tokenizer::from_dir(&a.model)?)
+    } else {
+        None
+    };
+    let prompt: Vec<u32> = match (&a.prompt, &a.input_ids) {
+        (Some(p), _) => {
+            let t = tok.as_ref().expect("loaded above for --prompt");
+            if a.chat {
+                let text = t.apply_chat_template(&[Message::new("user", p.as_str())], true)?;
+                t.encode(&text, false)?
+            } else {
+                t.encode(p, true)?
+            }
+        }
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => anyhow::bail!("give --prompt TEXT or --input-ids 1,2,3"),
+    };
+    let mut stop = model.config().eos_token_ids.clone();
+    if let Some(e) = tok.as_ref().and_then(Tokenizer::eos_token_id)
+        && !stop.contains(&e)
+    {
+        stop.push(e);
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        min_new_tokens: 0,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        stop_tokens: stop,
+        pad_token: None,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut deltas = TextDeltas::new();
+    for step in Generation::new(&model, &[prompt], opts)? {
+        let id = step?[0];
+        match (&tok, a.print_ids) {
+            (Some(t), false) => write!(out, "{}", deltas.push(t, id)?)?,
+            _ => write!(out, "{id} ")?,
+        }
+        out.flush()?;
+    }
+    if let (Some(t), false) = (&tok, a.print_ids) {
+        write!(out, "{}", deltas.finish(t)?)?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -115,7 +283,14 @@ fn main() -> ExitCode {
             inputs,
             output,
             dtype,
-        } => forward(&model, inputs, output, &dtype),
+            quant,
+        } => forward(&model, inputs, output, &dtype, quant),
+        Cmd::Generate(args) => generate(&args),
+        Cmd::Quantize {
+            model,
+            quant,
+            output,
+        } => quantize(&model, quant, &output),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

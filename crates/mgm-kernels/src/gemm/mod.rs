@@ -47,6 +47,9 @@ use crate::softmax::exp_shifted_inplace;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+mod gemv;
+
+pub use gemv::{GEMV_ROWS, gemv};
 
 const KERNEL: &str = "gemm";
 
@@ -139,6 +142,17 @@ impl<'a> MatRef<'a> {
         self.cols
     }
 
+    /// Element `(i, j)` (panics when out of range).
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        assert!(
+            i < self.rows && j < self.cols,
+            "({i}, {j}) outside {} x {}",
+            self.rows,
+            self.cols
+        );
+        self.at(i, j)
+    }
+
     /// Element `(i, j)`; the caller keeps `i < rows`, `j < cols`, which `new` proved in bounds.
     #[inline(always)]
     fn at(&self, i: usize, j: usize) -> f32 {
@@ -217,6 +231,26 @@ impl<'a> MatMut<'a> {
             rs,
             _out: std::marker::PhantomData,
         }
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Element `(i, j)` (panics when out of range).
+    pub fn get(&mut self, i: usize, j: usize) -> f32 {
+        *self.slot(i, j)
+    }
+
+    /// Sets element `(i, j)` (panics when out of range).
+    pub fn set(&mut self, i: usize, j: usize, v: f32) {
+        *self.slot(i, j) = v;
     }
 
     /// Element `(i, j)` for the reference; `i < rows`, `j < cols`.

@@ -759,8 +759,9 @@ impl MultiHeadAttention {
         out_proj: Linear,
         num_heads: usize,
     ) -> Result<MultiHeadAttention> {
-        let qw = q_proj.weight().shape();
-        let (kw, vw) = (k_proj.weight().shape(), v_proj.weight().shape());
+        let shape = |l: &Linear| vec![l.out_features(), l.in_features()];
+        let qw = shape(&q_proj);
+        let (kw, vw) = (shape(&k_proj), shape(&v_proj));
         if num_heads == 0 || !qw[0].is_multiple_of(num_heads) || kw[0] != qw[0] {
             return Err(Error::invalid_shape(
                 "MultiHeadAttention",
@@ -771,7 +772,7 @@ impl MultiHeadAttention {
                 ),
             ));
         }
-        if !vw[0].is_multiple_of(num_heads) || out_proj.weight().shape()[1] != vw[0] {
+        if !vw[0].is_multiple_of(num_heads) || out_proj.in_features() != vw[0] {
             return Err(Error::invalid_shape(
                 "MultiHeadAttention",
                 &vw,
@@ -779,7 +780,7 @@ impl MultiHeadAttention {
                     "value width {} must split into {num_heads} heads and feed the output \
                      projection {:?}",
                     vw[0],
-                    out_proj.weight().shape()
+                    shape(&out_proj)
                 ),
             ));
         }
@@ -939,7 +940,14 @@ impl Module for MultiHeadAttention {
 /// their biases, a missing one as zeros).
 fn stack_projections(q: &Linear, k: &Linear, v: &Linear) -> Result<Linear> {
     let ls = [q, k, v];
-    let w: Vec<Tensor> = ls.iter().map(|l| l.weight().tensor()).collect();
+    let w: Vec<Tensor> = ls
+        .iter()
+        .map(|l| {
+            l.weight()
+                .map(|p| p.tensor())
+                .ok_or_else(|| Error::invalid_input("MultiHeadAttention", "quantized projection"))
+        })
+        .collect::<Result<_>>()?;
     let weight = Tensor::cat(&w, 0)?;
     let bias = if ls.iter().any(|l| l.bias().is_some()) {
         let b = ls

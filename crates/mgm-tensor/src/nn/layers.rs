@@ -8,7 +8,10 @@ use std::sync::Arc;
 use crate::autograd::needs_grad;
 use crate::nn::{Activation, Init, Param, VarStore};
 use crate::{Conv2dParams, DType, Error, Result, Tensor};
-use mgm_kernels::gemm::{self, Epilogue, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism};
+use mgm_kernels::gemm::{
+    self, Epilogue, GEMV_ROWS, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism,
+};
+use mgm_kernels::quant::{self, QuantFormat, QuantMatrix};
 
 /// A layer with one input and one output.
 pub trait Module {
@@ -31,49 +34,136 @@ fn bias_init(fan_in: usize) -> Init {
 
 /// `y = x W^T + b` over the last dim, like `torch.nn.Linear` (weight `[out, in]`).
 ///
-/// A frozen f32 layer packs its weight once into the GEMM's panel layout
-/// ([`mgm_kernels::gemm::PackedRhs`]), so inference calls pay no packing and no transpose, and
-/// [`Linear::forward_fused`] applies bias, activation and a residual add to each output tile
-/// while it is in cache. Trainable layers (and other dtypes) run as tensor ops with autograd.
+/// The weight is held the way inference wants it:
+/// - [`Linear::new`] / [`Linear::load`]: a frozen f32 weight is packed once into the GEMM's
+///   panel layout ([`mgm_kernels::gemm::PackedRhs`]), so calls pay no packing or transpose
+///   (a copy of the weight; the vision towers' default);
+/// - [`Linear::new_mapped`] / [`Linear::load_mapped`]: the checkpoint's `[out, in]` tensor is
+///   read in place (no copy of a memory-mapped file): a few rows (decode) run a GEMV over it,
+///   more rows pack it per call (language models, whose weights dwarf memory otherwise);
+/// - [`Linear::quantize`]: int8 / int4 weights ([`mgm_kernels::quant`]), also loadable in
+///   place from a saved quantized checkpoint;
+/// - trainable (and non-f32) weights run as tensor ops with autograd.
+///
+/// [`Linear::forward_fused`] applies bias, activation and a residual add in the same pass.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Param,
+    kind: Kind,
     bias: Option<Param>,
-    packed: Option<Arc<PackedRhs>>,
+    in_features: usize,
+    out_features: usize,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    Ops(Param),
+    Packed(Param, Arc<PackedRhs>),
+    Mapped(Tensor),
+    Quant(Arc<QuantMatrix>),
+}
+
+/// Names of a quantized weight's tensors under a layer's prefix.
+const QDATA: &str = "weight.qdata";
+const QSCALE: &str = "weight.qscale";
+
+/// A contiguous tensor's bytes, shared with the quantized kernels (no copy of mapped files).
+/// Only u8 data and f16 scales are wrapped.
+struct TensorBytes(Tensor);
+
+impl TensorBytes {
+    fn new(t: Tensor) -> Result<TensorBytes> {
+        let t = t.contiguous()?;
+        // the conversion in as_ref cannot fail for these dtypes once contiguous
+        match t.dtype() {
+            DType::U8 | DType::F16 => Ok(TensorBytes(t)),
+            d => Err(Error::unsupported_dtype(
+                "Linear",
+                d,
+                "quantized weights are stored as u8 data with f16 scales",
+            )),
+        }
+    }
+}
+
+impl AsRef<[u8]> for TensorBytes {
+    fn as_ref(&self) -> &[u8] {
+        let t = &self.0;
+        match t.dtype() {
+            DType::U8 => t
+                .as_contiguous_slice::<u8>()
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+            _ => bytemuck::cast_slice(
+                t.as_contiguous_slice::<half::f16>()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+}
+
+fn check_bias(bias: &Option<Param>, out: usize, ws: &[usize]) -> Result<()> {
+    if let Some(b) = bias
+        && b.shape() != [out]
+    {
+        return Err(Error::shape_mismatch(
+            "Linear",
+            ws,
+            &b.shape(),
+            format!("bias must be [{out}]"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_weight(ws: &[usize]) -> Result<()> {
+    if ws.len() != 2 {
+        return Err(Error::invalid_shape(
+            "Linear",
+            ws,
+            "weight must be [out_features, in_features]",
+        ));
+    }
+    Ok(())
 }
 
 impl Linear {
-    /// A layer from a `[out, in]` weight and an optional `[out]` bias.
+    /// A layer from a `[out, in]` weight and an optional `[out]` bias (a frozen f32 weight is
+    /// packed for the GEMM).
     pub fn new(weight: impl Into<Param>, bias: Option<Param>) -> Result<Linear> {
         let weight = weight.into();
         let ws = weight.shape();
-        if ws.len() != 2 {
-            return Err(Error::invalid_shape(
-                "Linear",
-                &ws,
-                "weight must be [out_features, in_features]",
-            ));
-        }
-        if let Some(b) = &bias
-            && b.shape() != [ws[0]]
-        {
-            return Err(Error::shape_mismatch(
-                "Linear",
-                &ws,
-                &b.shape(),
-                format!("bias must be [{}]", ws[0]),
-            ));
-        }
-        let packed = match (&weight, &bias) {
+        check_weight(&ws)?;
+        check_bias(&bias, ws[0], &ws)?;
+        let kind = match (&weight, &bias) {
             (Param::Frozen(w), None | Some(Param::Frozen(_))) if w.dtype() == DType::F32 => {
-                Some(Arc::new(pack_weight(w)?))
+                let packed = Arc::new(pack_weight(w)?);
+                Kind::Packed(weight, packed)
             }
-            _ => None,
+            _ => Kind::Ops(weight),
         };
         Ok(Linear {
-            weight,
+            kind,
             bias,
-            packed,
+            in_features: ws[1],
+            out_features: ws[0],
+        })
+    }
+
+    /// A frozen layer over `weight` `[out, in]` read in place (made contiguous and f32 if it
+    /// is not already, which copies).
+    pub fn new_mapped(weight: Tensor, bias: Option<Param>) -> Result<Linear> {
+        let ws = weight.shape().to_vec();
+        check_weight(&ws)?;
+        check_bias(&bias, ws[0], &ws)?;
+        let w = weight.to_dtype(DType::F32)?.contiguous()?;
+        Ok(Linear {
+            kind: Kind::Mapped(w),
+            bias,
+            in_features: ws[1],
+            out_features: ws[0],
         })
     }
 
@@ -87,17 +177,172 @@ impl Linear {
     ) -> Result<Linear> {
         let weight =
             vs.param_or_init("weight", &[out_features, in_features], Init::KaimingUniform)?;
-        let bias = if bias {
-            Some(vs.param_or_init("bias", &[out_features], bias_init(in_features))?)
-        } else {
-            None
-        };
+        let bias = Self::load_bias(vs, in_features, out_features, bias)?;
         Linear::new(weight, bias)
     }
 
-    /// The `[out, in]` weight.
-    pub fn weight(&self) -> &Param {
-        &self.weight
+    fn load_bias(
+        vs: &VarStore,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Option<Param>> {
+        if bias {
+            Ok(Some(vs.param_or_init(
+                "bias",
+                &[out_features],
+                bias_init(in_features),
+            )?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Like [`Linear::load`], keeping a frozen weight in place ([`Linear::new_mapped`]), or
+    /// loading the quantized weight saved by [`Linear::quantized_tensors`] when the store has
+    /// one. A trainable store loads as [`Linear::load`] does.
+    pub fn load_mapped(
+        vs: &VarStore,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        if vs.is_trainable() {
+            return Self::load(vs, in_features, out_features, bias);
+        }
+        let b = Self::load_bias(vs, in_features, out_features, bias)?;
+        if vs.contains(QDATA) {
+            let data = vs.get_stored(QDATA)?;
+            let scale = vs.get_stored(QSCALE)?;
+            let groups = in_features.div_ceil(quant::GROUP);
+            // the data's width tells the format: q8 a byte per input, q4 16 per group
+            let format = match data.shape() {
+                [n, w] if *n == out_features && *w == in_features => QuantFormat::Q8,
+                [n, w] if *n == out_features && *w == groups * quant::GROUP / 2 => QuantFormat::Q4,
+                s => {
+                    return Err(Error::shape_mismatch(
+                        "Linear",
+                        s,
+                        &[out_features, in_features],
+                        format!(
+                            "{} must be [{out_features}, {in_features}] (q8) or [{out_features}, {}] \
+                             (q4) for this layer",
+                            vs.full_name(QDATA),
+                            groups * quant::GROUP / 2
+                        ),
+                    ));
+                }
+            };
+            if scale.shape() != [out_features, groups] || scale.dtype() != DType::F16 {
+                return Err(Error::shape_mismatch(
+                    "Linear",
+                    scale.shape(),
+                    &[out_features, groups],
+                    format!("{} must be f16 [out, ceil(in / 32)]", vs.full_name(QSCALE)),
+                ));
+            }
+            let (n, k) = (out_features, in_features);
+            let q = QuantMatrix::from_bytes(
+                format,
+                n,
+                k,
+                Arc::new(TensorBytes::new(data)?),
+                Arc::new(TensorBytes::new(scale)?),
+            )?;
+            return Ok(Linear {
+                kind: Kind::Quant(Arc::new(q)),
+                bias: b,
+                in_features,
+                out_features,
+            });
+        }
+        let w = vs.get("weight", &[out_features, in_features])?;
+        Linear::new_mapped(w, b)
+    }
+
+    /// This layer with its weight quantized (a no-op for a layer quantized already; an error
+    /// for a trainable one).
+    pub fn quantize(&self, format: QuantFormat) -> Result<Linear> {
+        let w = match &self.kind {
+            Kind::Quant(q) if q.format() == format => return Ok(self.clone()),
+            Kind::Quant(_) => {
+                return Err(Error::invalid_input(
+                    "Linear::quantize",
+                    "the layer is quantized to another format already",
+                ));
+            }
+            Kind::Mapped(w) => w.clone(),
+            Kind::Packed(p, _) | Kind::Ops(p) => match p {
+                Param::Frozen(w) => w.to_dtype(DType::F32)?.contiguous()?,
+                Param::Trainable(_) => {
+                    return Err(Error::invalid_input(
+                        "Linear::quantize",
+                        "trainable layers cannot be quantized (freeze them first)",
+                    ));
+                }
+            },
+        };
+        let ws = w
+            .as_contiguous_slice::<f32>()?
+            .expect("contiguous f32 weight");
+        let q = QuantMatrix::quantize(
+            MatRef::row_major(ws, self.out_features, self.in_features)?,
+            format,
+        )?;
+        Ok(Linear {
+            kind: Kind::Quant(Arc::new(q)),
+            bias: self.bias.clone(),
+            in_features: self.in_features,
+            out_features: self.out_features,
+        })
+    }
+
+    /// The tensors to save a quantized layer under `prefix` (`prefix.weight.qdata` u8 and
+    /// `prefix.weight.qscale` f32 / f16, plus `prefix.bias`), which [`Linear::load_mapped`]
+    /// reads back in place; `None` for a layer that is not quantized.
+    pub fn quantized_tensors(&self, prefix: &str) -> Result<Option<Vec<(String, Tensor)>>> {
+        let Kind::Quant(q) = &self.kind else {
+            return Ok(None);
+        };
+        let (n, k, g) = (q.n(), q.k(), q.groups());
+        let data_shape = match q.format() {
+            QuantFormat::Q8 => vec![n, k],
+            QuantFormat::Q4 => vec![n, g * quant::GROUP / 2],
+        };
+        let halves: Vec<half::f16> = q
+            .scales()
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        let scale = Tensor::from_vec(halves, &[n, g])?;
+        let mut out = vec![
+            (
+                format!("{prefix}.{QDATA}"),
+                Tensor::from_vec(q.data().to_vec(), &data_shape)?,
+            ),
+            (format!("{prefix}.{QSCALE}"), scale),
+        ];
+        if let Some(b) = &self.bias {
+            out.push((format!("{prefix}.bias"), b.tensor()));
+        }
+        Ok(Some(out))
+    }
+
+    /// The `[out, in]` weight; `None` once quantized.
+    pub fn weight(&self) -> Option<Param> {
+        match &self.kind {
+            Kind::Ops(p) | Kind::Packed(p, _) => Some(p.clone()),
+            Kind::Mapped(w) => Some(Param::Frozen(w.clone())),
+            Kind::Quant(_) => None,
+        }
+    }
+
+    /// The quantized weight, if any.
+    pub fn quantized(&self) -> Option<&QuantMatrix> {
+        match &self.kind {
+            Kind::Quant(q) => Some(q),
+            _ => None,
+        }
     }
 
     /// The `[out]` bias, if any.
@@ -107,28 +352,40 @@ impl Linear {
 
     /// Input width.
     pub fn in_features(&self) -> usize {
-        self.weight.shape()[1]
+        self.in_features
     }
 
     /// Output width.
     pub fn out_features(&self) -> usize {
-        self.weight.shape()[0]
+        self.out_features
     }
 
-    /// Whether inference runs on the packed weight (frozen f32).
+    /// Whether inference runs on the packed weight (frozen f32 through [`Linear::new`]).
     pub fn is_packed(&self) -> bool {
-        self.packed.is_some()
+        matches!(self.kind, Kind::Packed(..))
+    }
+
+    /// Bytes the weight occupies as held (packed, mapped or quantized).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.kind {
+            Kind::Ops(p) => p.tensor().numel() * p.tensor().dtype().size_in_bytes(),
+            Kind::Packed(_, p) => p.bytes(),
+            Kind::Mapped(w) => w.numel() * 4,
+            Kind::Quant(q) => q.bytes(),
+        }
     }
 
     /// The same layer without its packed copy (for a layer whose weight also lives packed in
     /// a fused one): inference then runs as tensor ops.
     pub(crate) fn without_packing(mut self) -> Linear {
-        self.packed = None;
+        if let Kind::Packed(p, _) = self.kind {
+            self.kind = Kind::Ops(p);
+        }
         self
     }
 
-    /// `act(x W^T + b) + residual`, with `residual` shaped like the output. A packed layer
-    /// computes it in one pass over the output; otherwise it is composed from tensor ops.
+    /// `act(x W^T + b) + residual`, with `residual` shaped like the output. Frozen layers
+    /// compute it in one pass over the output; trainable ones compose tensor ops.
     ///
     /// ```
     /// use mgm_tensor::nn::{Activation, Linear};
@@ -147,17 +404,17 @@ impl Linear {
         act: Activation,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let in_features = self.in_features();
+        let in_features = self.in_features;
         if x.shape().last() != Some(&in_features) {
             return Err(Error::shape_mismatch(
                 "Linear",
                 x.shape(),
-                &self.weight.shape(),
+                &[self.out_features, in_features],
                 format!("input's last dim must be in_features = {in_features}"),
             ));
         }
         let mut out_shape = x.shape().to_vec();
-        *out_shape.last_mut().expect("rank >= 1 checked above") = self.out_features();
+        *out_shape.last_mut().expect("rank >= 1 checked above") = self.out_features;
         if let Some(r) = residual
             && r.shape() != out_shape
         {
@@ -169,13 +426,65 @@ impl Linear {
             ));
         }
         let plain = |t: &Tensor| t.dtype() == DType::F32 && !needs_grad(&[t]);
-        if let Some(packed) = &self.packed
-            && plain(x)
+        let fast = plain(x)
             && residual.is_none_or(plain)
-        {
-            return packed_forward(packed, x, self.bias.as_ref(), act, residual, &out_shape);
-        }
-        let y = x.matmul(&self.weight.tensor().t()?)?;
+            && self
+                .bias
+                .as_ref()
+                .is_none_or(|b| matches!(b, Param::Frozen(_)));
+        let weight = match &self.kind {
+            Kind::Packed(_, packed) if fast => {
+                return fused_forward(
+                    x,
+                    self.bias.as_ref(),
+                    act,
+                    residual,
+                    &out_shape,
+                    |a, c, e| {
+                        gemm::cpu_packed(&PackedLhs::new(a), packed, c, e, Parallelism::Rayon)
+                    },
+                );
+            }
+            Kind::Mapped(w) if fast => {
+                let ws = w
+                    .as_contiguous_slice::<f32>()?
+                    .expect("mapped weights are contiguous f32");
+                let wm = MatRef::row_major(ws, self.out_features, in_features)?;
+                return fused_forward(
+                    x,
+                    self.bias.as_ref(),
+                    act,
+                    residual,
+                    &out_shape,
+                    |a, c, e| {
+                        if a.rows() <= GEMV_ROWS {
+                            gemm::gemv(a, wm, c, e)
+                        } else {
+                            gemm::cpu(a, wm.t(), c, e)
+                        }
+                    },
+                );
+            }
+            Kind::Quant(q) => {
+                if !fast {
+                    return Err(Error::invalid_input(
+                        "Linear",
+                        "a quantized layer takes untracked f32 inputs (inference only)",
+                    ));
+                }
+                return fused_forward(
+                    x,
+                    self.bias.as_ref(),
+                    act,
+                    residual,
+                    &out_shape,
+                    |a, c, e| quant::cpu(a, q, c, e),
+                );
+            }
+            Kind::Mapped(w) => w.clone(),
+            Kind::Ops(p) | Kind::Packed(p, _) => p.tensor(),
+        };
+        let y = x.matmul(&weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.add(&b.tensor())?,
             None => y,
@@ -209,22 +518,23 @@ fn pack_weight(w: &Tensor) -> Result<PackedRhs> {
     Ok(PackedRhs::new(rhs))
 }
 
-/// The packed inference path: one GEMM over all rows of `x` with the epilogue fused.
-fn packed_forward(
-    packed: &PackedRhs,
+/// The frozen f32 inference path: `x` as rows, `mul` writes `epilogue(x W^T)` into the
+/// output, whatever form the weight takes.
+fn fused_forward(
     x: &Tensor,
     bias: Option<&Param>,
     act: Activation,
     residual: Option<&Tensor>,
     out_shape: &[usize],
+    mul: impl FnOnce(MatRef<'_>, MatMut<'_>, &Epilogue<'_>) -> mgm_kernels::Result<()>,
 ) -> Result<Tensor> {
-    let (k, n) = (packed.k(), packed.n());
+    let k = *x.shape().last().expect("checked by forward_fused");
+    let n = *out_shape.last().expect("checked by forward_fused");
     let rows = x.numel() / k.max(1);
     let x = x.contiguous()?;
     let xs = x
         .as_contiguous_slice::<f32>()?
         .expect("contiguous f32 input");
-    let lhs = PackedLhs::new(MatRef::row_major(xs, rows, k)?);
     let bias = bias
         .map(|b| b.tensor().to_dtype(DType::F32)?.contiguous())
         .transpose()?;
@@ -251,18 +561,16 @@ fn packed_forward(
         activation: act,
         residual: res_view,
     };
-    // the GEMM writes every output element (no accumulate), so the buffer starts unfilled:
+    // every kernel writes every output element (no accumulate), so the buffer starts unfilled:
     // zeroing a 577 x 4096 output costs about a millisecond
     let mut out: Vec<f32> = Vec::with_capacity(rows * n);
-    // SAFETY: the MatMut covers exactly the reserved rows * n elements, which the GEMM
+    // SAFETY: the MatMut covers exactly the reserved rows * n elements, which the kernel
     // overwrites before set_len exposes them (on error the Vec is dropped with length 0).
     unsafe {
-        gemm::cpu_packed(
-            &lhs,
-            packed,
+        mul(
+            MatRef::row_major(xs, rows, k)?,
             MatMut::from_raw_parts(out.as_mut_ptr(), rows, n, n),
             &epi,
-            Parallelism::Rayon,
         )?;
         out.set_len(rows * n);
     }
@@ -381,6 +689,11 @@ impl RmsNorm {
             eps,
             unit_offset,
         })
+    }
+
+    /// The `[dim]` weight (the offset `w` for Gemma's `1 + w`).
+    pub fn weight(&self) -> &Param {
+        &self.weight
     }
 
     /// Loads LLaMA's RMSNorm `weight` (ones when a trainable store lacks it).

@@ -488,6 +488,14 @@ impl VarStore {
             .ok_or_else(|| self.not_found(&full))
     }
 
+    /// The tensor `name` exactly as stored (dtype and shape of the file, no conversion), for
+    /// encoded data such as quantized weights.
+    pub fn get_stored(&self, name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        self.load(&full, None, None, false)?
+            .ok_or_else(|| self.not_found(&full))
+    }
+
     /// The parameter `name` as a layer holds it: frozen tensor, or in a trainable store the
     /// [`Var`] (created from the checkpoint on first use). Missing names are errors.
     pub fn param(&self, name: &str, shape: &[usize]) -> Result<Param> {

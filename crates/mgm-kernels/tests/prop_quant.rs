@@ -1,0 +1,149 @@
+//! quant: the integer (VNNI or portable) path and the dequantized-GEMM path against the f64
+//! reference of the same quantized math (scaled error <= 1e-5), the quantization error itself
+//! against the unquantized product (within the formats' bounds), storage round trips, and
+//! argument errors.
+
+mod common;
+
+use mgm_kernels::gemm::{Epilogue, MatMut, MatRef};
+use mgm_kernels::quant::{self, QuantFormat, QuantMatrix};
+use proptest::prelude::*;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const KERNEL: &str = "quant";
+
+fn data(len: usize, scale: f32, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn run(x: &[f32], m: usize, k: usize, w: &QuantMatrix, epi: &Epilogue<'_>, fast: bool) -> Vec<f32> {
+    let mut y = vec![f32::NAN; m * w.n()];
+    let (xr, out) = (
+        MatRef::row_major(x, m, k).unwrap(),
+        MatMut::row_major(&mut y, m, w.n()).unwrap(),
+    );
+    if fast {
+        quant::cpu(xr, w, out, epi).unwrap();
+    } else {
+        quant::reference(xr, w, out, epi).unwrap();
+    }
+    y
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(common::cases(48)))]
+
+    #[test]
+    fn quant_paths_match_reference(
+        m in prop_oneof![1..=3usize, 7..=9usize, 10..=20usize], k32 in 1..=12usize, extra in 0..32usize,
+        n in 1..=70usize, q4 in any::<bool>(), bias in any::<bool>(), seed in any::<u64>(),
+    ) {
+        let format = if q4 { QuantFormat::Q4 } else { QuantFormat::Q8 };
+        // whole groups and a ragged last one
+        let k = k32 * 32 + extra - 1 + usize::from(extra == 0);
+        let w = data(n * k, 0.05, seed);
+        let x = data(m * k, 2.0, seed ^ 1);
+        let b = data(n, 0.5, seed ^ 2);
+        let q = QuantMatrix::quantize(MatRef::row_major(&w, n, k).unwrap(), format).unwrap();
+        let epi = Epilogue { bias: bias.then_some(&b[..]), ..Epilogue::default() };
+        let want = run(&x, m, k, &q, &epi, false);
+        let got = run(&x, m, k, &q, &epi, true);
+        let mut worst = 0f64;
+        for i in 0..m {
+            for j in 0..n {
+                // bound scaled by the size of the summed terms
+                let scale: f64 = 1.0 + (0..k).map(|t| f64::from(x[i * k + t]).abs() * f64::from(q.value(j, t)).abs()).sum::<f64>();
+                let e = (f64::from(got[i * n + j]) - f64::from(want[i * n + j])).abs() / scale;
+                prop_assert!(e <= 1e-5, "{format:?} m={m} k={k} n={n} ({i},{j}): {} vs {} ({e:e})", got[i * n + j], want[i * n + j]);
+                worst = worst.max(e);
+            }
+        }
+        common::record(KERNEL, format.name(), worst);
+    }
+}
+
+/// What quantization costs: relative Frobenius error of `X W^T` against the f32 product, for
+/// weights of a realistic scale (N(0, 0.02)-like uniform) and unit activations.
+#[test]
+fn quantization_error_is_within_the_formats_bounds() {
+    let (m, k, n) = (4, 1024, 256);
+    let w = data(n * k, 0.035, 1);
+    let x = data(m * k, 1.7, 2);
+    let mut exact = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            exact[i * n + j] = (0..k)
+                .map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t]))
+                .sum();
+        }
+    }
+    for (format, bound) in [(QuantFormat::Q8, 1e-2), (QuantFormat::Q4, 1.2e-1)] {
+        let q = QuantMatrix::quantize(MatRef::row_major(&w, n, k).unwrap(), format).unwrap();
+        let got = run(&x, m, k, &q, &Epilogue::default(), true);
+        let (num, den) = got
+            .iter()
+            .zip(&exact)
+            .fold((0f64, 0f64), |(a, b), (&g, &e)| {
+                (a + (f64::from(g) - e).powi(2), b + e * e)
+            });
+        let rel = (num / den).sqrt();
+        assert!(
+            rel < bound,
+            "{format:?}: relative error {rel:.3e} >= {bound}"
+        );
+        assert!(
+            rel > 1e-5,
+            "{format:?}: no quantization error at all ({rel:e})?"
+        );
+    }
+}
+
+#[test]
+fn quant_storage_round_trips_and_bad_input_is_an_error() {
+    let w = data(8 * 64, 1.0, 3);
+    for format in [QuantFormat::Q8, QuantFormat::Q4] {
+        let q = QuantMatrix::quantize(MatRef::row_major(&w, 8, 64).unwrap(), format).unwrap();
+        let back = QuantMatrix::from_bytes(
+            format,
+            8,
+            64,
+            std::sync::Arc::new(q.data().to_vec()),
+            std::sync::Arc::new(q.scales().to_vec()),
+        )
+        .unwrap();
+        assert_eq!(back.dequantize(), q.dequantize());
+        assert_eq!(
+            q.bytes(),
+            if format == QuantFormat::Q8 {
+                8 * 64 + 8 * 2 * 2
+            } else {
+                8 * 32 + 8 * 2 * 2
+            }
+        );
+    }
+    // a ragged last group: 48 inputs are one group of 32 and one of 16
+    let q = QuantMatrix::quantize(
+        MatRef::row_major(&w[..8 * 48], 8, 48).unwrap(),
+        QuantFormat::Q4,
+    )
+    .unwrap();
+    assert_eq!((q.groups(), q.data().len()), (2, 8 * 32));
+    let mut bad = w.clone();
+    bad[5] = f32::NAN;
+    let e = QuantMatrix::quantize(MatRef::row_major(&bad, 8, 64).unwrap(), QuantFormat::Q8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(0, 5)"), "{e}");
+    let e = QuantMatrix::from_bytes(
+        QuantFormat::Q8,
+        8,
+        64,
+        std::sync::Arc::new(vec![0u8; 10]),
+        std::sync::Arc::new(vec![0u8; 32]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("needs 512 data bytes and 32 scale bytes"), "{e}");
+}
