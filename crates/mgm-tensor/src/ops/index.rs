@@ -358,7 +358,15 @@ impl Tensor {
         let mut out_shape = self.shape().to_vec();
         out_shape[dim] = idx.len();
         let out = with_dtype!(self.dtype(), T => {
-            let src = self.to_vec::<T>()?;
+            // a contiguous table is read in place: an embedding lookup touches only its rows
+            let owned;
+            let src: &[T] = match self.as_contiguous_slice::<T>()? {
+                Some(s) => s,
+                None => {
+                    owned = self.to_vec::<T>()?;
+                    &owned
+                }
+            };
             let mut out: Vec<T> = Vec::with_capacity(outer * idx.len() * inner);
             for o in 0..outer {
                 for &i in &idx {
