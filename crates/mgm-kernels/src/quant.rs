@@ -12,11 +12,12 @@
 //!   values per byte (value `j` in the low nibble of byte `j`, value `j + 16` in the high
 //!   nibble), 16 bytes per group (4.5 bits per weight).
 //!
-//! Few rows of activations (decode) multiply on integers like llama.cpp: each row is quantized
-//! to int8 in blocks of 32 (`s_x = max|x| / 127`), every block's integer dot product runs on
-//! AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per instruction; a portable loop elsewhere) and
-//! is scaled by `s_x s_w` in f32. Many rows (prefill) dequantize the weight once into the
-//! packed GEMM instead (f32-accurate given the quantized weights).
+//! Activations multiply on integers like llama.cpp, in decode and prefill alike: each row is
+//! quantized to int8 in blocks of 32 (`s_x = max|x| / 127`), every block's integer dot product
+//! runs on AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per instruction; a portable loop
+//! elsewhere) and is scaled by `s_x s_w` in f32. The weights are read in place (a mapped file
+//! works), once per call: each weight vector is loaded and unpacked once for up to four
+//! activation rows.
 //!
 //! [`reference`] computes the same math in f64 (weights and activations dequantized exactly as
 //! the kernel quantizes them), so the tests can hold the fast paths to f32 accuracy; the error
@@ -39,7 +40,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::gemm::{self, Epilogue, GEMV_ROWS, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism};
+use crate::gemm::{Epilogue, MatMut, MatRef};
 
 const KERNEL: &str = "quant";
 /// Values per Q4 group and per activation block.
@@ -340,8 +341,8 @@ fn check(
     Ok((m, k, w.n))
 }
 
-/// The f64 reference: `X W^T` with `W` dequantized and, for up to [`GEMV_ROWS`] rows, `X`
-/// quantized in blocks of 32 exactly as [`cpu`] does; epilogue in f64.
+/// The f64 reference: `X W^T` with `W` dequantized and `X` quantized in blocks of 32 exactly
+/// as [`cpu`] does; epilogue in f64.
 pub fn reference(
     x: MatRef<'_>,
     w: &QuantMatrix,
@@ -352,14 +353,10 @@ pub fn reference(
     let xs: Vec<Vec<f64>> = (0..m)
         .map(|i| {
             let row: Vec<f32> = (0..k).map(|j| x.get(i, j)).collect();
-            if m <= GEMV_ROWS {
-                let qr = quantize_row(&row);
-                (0..k)
-                    .map(|j| f64::from(qr.q[j]) * f64::from(qr.s[j / GROUP]))
-                    .collect()
-            } else {
-                row.iter().map(|&v| f64::from(v)).collect()
-            }
+            let qr = quantize_row(&row);
+            (0..k)
+                .map(|j| f64::from(qr.q[j]) * f64::from(qr.s[j / GROUP]))
+                .collect()
         })
         .collect();
     let mut out = vec![0f32; m * n];
@@ -387,36 +384,74 @@ pub fn reference(
     Ok(())
 }
 
-/// `C = epilogue(X W^T)` with a quantized weight: the integer path for up to [`GEMV_ROWS`]
-/// rows of `X`, the dequantized packed GEMM above.
-pub fn cpu(x: MatRef<'_>, w: &QuantMatrix, mut c: MatMut<'_>, epi: &Epilogue<'_>) -> Result<()> {
+/// `C = epilogue(X W^T)` with a quantized weight, on integers for any number of rows of `X`
+/// (each row quantized in blocks of 32, as llama.cpp does for prefill and decode alike).
+pub fn cpu(x: MatRef<'_>, w: &QuantMatrix, c: MatMut<'_>, epi: &Epilogue<'_>) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    let vnni = vnni_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    run(x, w, c, epi, vnni)
+}
+
+/// [`cpu`] on the portable integer loop, the path of CPUs without AVX-512 VNNI (public so
+/// that tests on any machine cover it).
+pub fn cpu_portable(
+    x: MatRef<'_>,
+    w: &QuantMatrix,
+    c: MatMut<'_>,
+    epi: &Epilogue<'_>,
+) -> Result<()> {
+    run(x, w, c, epi, false)
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn run(
+    x: MatRef<'_>,
+    w: &QuantMatrix,
+    mut c: MatMut<'_>,
+    epi: &Epilogue<'_>,
+    vnni: bool,
+) -> Result<()> {
     let (m, k, n) = check(&x, w, &c, epi)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if m > GEMV_ROWS {
-        let deq = w.dequantize();
-        let wt = PackedRhs::new(MatRef::row_major(&deq, n, k)?.t());
-        return gemm::cpu_packed(&PackedLhs::new(x), &wt, c, epi, Parallelism::Rayon);
-    }
     let rows: Vec<QuantRow> = (0..m)
+        .into_par_iter()
         .map(|i| quantize_row(&(0..k).map(|j| x.get(i, j)).collect::<Vec<_>>()))
         .collect();
-    let vnni = vnni_available();
+    #[cfg(target_arch = "x86_64")]
+    let prepared: Option<Vec<avx512::Prepared>> = vnni.then(|| {
+        rows.par_iter()
+            .map(|r| avx512::Prepared::new(r, w.format))
+            .collect()
+    });
     let bands: Vec<usize> = (0..n).step_by(BAND).collect();
-    let dots: Vec<Vec<f32>> = bands
-        .par_iter()
-        .map(|&j0| {
-            let j1 = (j0 + BAND).min(n);
-            let mut d = vec![0f32; m * (j1 - j0)];
-            for jn in j0..j1 {
-                for (i, r) in rows.iter().enumerate() {
-                    d[i * (j1 - j0) + jn - j0] = row_dot(w, jn, r, vnni);
-                }
+    let work = n * m * k;
+    let band = |&j0: &usize| {
+        let j1 = (j0 + BAND).min(n);
+        let nb = j1 - j0;
+        let mut d = vec![0f32; m * nb];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = &prepared {
+            // SAFETY: vnni_available() detected AVX-512F, BW, VL and VNNI; `Prepared` pads
+            // the activations to whole pairs of groups, as the kernel reads them.
+            unsafe { avx512::band(w, j0, j1, p, &mut d) };
+            return d;
+        }
+        for jn in j0..j1 {
+            for (i, r) in rows.iter().enumerate() {
+                d[i * nb + jn - j0] = row_dot_portable(w, jn, r);
             }
-            d
-        })
-        .collect();
+        }
+        d
+    };
+    let dots: Vec<Vec<f32>> = if work >= 1 << 16 {
+        bands.par_iter().map(band).collect()
+    } else {
+        bands.iter().map(band).collect()
+    };
     for (bi, &j0) in bands.iter().enumerate() {
         let nb = (j0 + BAND).min(n) - j0;
         for i in 0..m {
@@ -441,33 +476,15 @@ pub fn cpu(x: MatRef<'_>, w: &QuantMatrix, mut c: MatMut<'_>, epi: &Epilogue<'_>
 }
 
 /// Whether the CPU has AVX-512 VNNI and BW (checked once).
+#[cfg(target_arch = "x86_64")]
 fn vnni_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// The dot product of weight row `jn` with a quantized activation row.
-fn row_dot(w: &QuantMatrix, jn: usize, x: &QuantRow, vnni: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if vnni {
-        // SAFETY: vnni_available() detected AVX-512F, BW and VNNI; the row slices below have
-        // the lengths the kernels read (k padded to whole blocks on the activation side, the
-        // weight side read only within k, which for q4 is whole groups).
-        return unsafe { avx512::row_dot(w, jn, x) };
-    }
-    row_dot_portable(w, jn, x)
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    })
 }
 
 fn row_dot_portable(w: &QuantMatrix, jn: usize, x: &QuantRow) -> f32 {
@@ -501,79 +518,190 @@ fn row_dot_portable(w: &QuantMatrix, jn: usize, x: &QuantRow) -> f32 {
     total
 }
 
+/// The AVX-512 VNNI kernel. `vpdpbusd` multiplies unsigned by signed bytes, so the weights
+/// are made unsigned: q8 bytes `w ^ 0x80 = w + 128`, q4 nibbles `q = w + 8` as stored, and
+/// the excess `off * sum(x)` (per 4-byte lane, off = 128 or 8) is subtracted exactly by
+/// starting each lane's accumulator at `-off * sum(x)` of that lane. The activation side
+/// (bytes, those start values and per-lane scales) is laid out once per call, in pairs of
+/// groups: a 64-byte vector of q8 weights is two groups (lanes 0-7 and 8-15); 32 bytes of q4
+/// weights are two groups too, their low nibbles then high nibbles, so lanes 0-3 and 8-11 are
+/// the first group and 4-7 and 12-15 the second, and the activation bytes are permuted to
+/// match.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{GROUP, QuantFormat, QuantMatrix, QuantRow};
 
-    /// `sum_l a_l b_l` over 64 signed bytes, in 16 int32 lanes (4 products each):
-    /// `vpdpbusd(|a|, sign(a) b)` (`b` in [-127, 127], so the negation cannot overflow).
-    #[inline(always)]
-    unsafe fn dot64(a: __m512i, b: __m512i) -> __m512i {
-        // SAFETY: register-only AVX-512 BW/VNNI arithmetic.
-        unsafe {
-            let neg = _mm512_movepi8_mask(a);
-            let sb = _mm512_mask_sub_epi8(b, neg, _mm512_setzero_si512(), b);
-            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(a), sb)
+    /// Bytes per pair of groups.
+    const PAIR: usize = 2 * GROUP;
+
+    /// One activation row in the kernel's layout.
+    pub(super) struct Prepared {
+        /// Per pair of groups: 64 int8 activations in weight-lane order.
+        x: Vec<i8>,
+        /// Per pair: 16 i32 accumulator start values, `-off * (sum of the lane's 4 bytes)`.
+        start: Vec<i32>,
+        /// Per pair: 16 f32 activation scales, one per lane.
+        sx: Vec<f32>,
+        pairs: usize,
+    }
+
+    impl Prepared {
+        pub(super) fn new(r: &QuantRow, format: QuantFormat) -> Prepared {
+            let groups = r.s.len();
+            let pairs = groups.div_ceil(2);
+            let mut x = vec![0i8; pairs * PAIR];
+            let mut start = vec![0i32; pairs * 16];
+            let mut sx = vec![0f32; pairs * 16];
+            let off = match format {
+                QuantFormat::Q8 => 128,
+                QuantFormat::Q4 => 8,
+            };
+            for p in 0..pairs {
+                for half in 0..2 {
+                    let g = 2 * p + half;
+                    if g >= groups {
+                        continue;
+                    }
+                    let src = &r.q[g * GROUP..(g + 1) * GROUP];
+                    // where value j of group g lands in the pair's 64 bytes
+                    let at = |j: usize| match format {
+                        QuantFormat::Q8 => half * GROUP + j,
+                        QuantFormat::Q4 => (j / 16) * 32 + half * 16 + j % 16,
+                    };
+                    for (j, &v) in src.iter().enumerate() {
+                        x[p * PAIR + at(j)] = v;
+                    }
+                }
+                for lane in 0..16 {
+                    let bytes = &x[p * PAIR + lane * 4..p * PAIR + lane * 4 + 4];
+                    start[p * 16 + lane] = -off * bytes.iter().map(|&b| i32::from(b)).sum::<i32>();
+                    let half = match format {
+                        QuantFormat::Q8 => lane / 8,
+                        QuantFormat::Q4 => (lane / 4) % 2,
+                    };
+                    let g = 2 * p + half;
+                    sx[p * 16 + lane] = if g < groups { r.s[g] } else { 0.0 };
+                }
+            }
+            Prepared {
+                x,
+                start,
+                sx,
+                pairs,
+            }
         }
     }
 
-    /// Per-lane scales for two blocks: lanes 0-7 `s0`, lanes 8-15 `s1`.
-    #[inline(always)]
-    unsafe fn two(s0: f32, s1: f32) -> __m512 {
-        // SAFETY: register-only AVX-512F.
-        unsafe { _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1)) }
+    /// Activation rows per weight-vector load.
+    const R: usize = 4;
+
+    /// Dot products of weight rows `j0..j1` with every prepared row, into
+    /// `d[i * (j1 - j0) + j - j0]`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, BW, VL and VNNI; every `Prepared` was built for `w`'s format
+    /// and `k`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn band(
+        w: &QuantMatrix,
+        j0: usize,
+        j1: usize,
+        rows: &[Prepared],
+        d: &mut [f32],
+    ) {
+        let nb = j1 - j0;
+        for jn in j0..j1 {
+            let mut i = 0;
+            while i < rows.len() {
+                let r = (rows.len() - i).min(R);
+                // SAFETY: as this function's contract; rows i..i + r exist.
+                let v = unsafe {
+                    match r {
+                        4 => row_dots::<4>(w, jn, &rows[i..i + 4]),
+                        3 => pad(row_dots::<3>(w, jn, &rows[i..i + 3])),
+                        2 => pad(row_dots::<2>(w, jn, &rows[i..i + 2])),
+                        _ => pad(row_dots::<1>(w, jn, &rows[i..i + 1])),
+                    }
+                };
+                for q in 0..r {
+                    d[(i + q) * nb + jn - j0] = v[q];
+                }
+                i += r;
+            }
+        }
     }
 
-    /// # Safety
-    /// The CPU has AVX-512F, BW, VL and VNNI.
+    fn pad<const N: usize>(v: [f32; N]) -> [f32; R] {
+        let mut o = [0f32; R];
+        o[..N].copy_from_slice(&v);
+        o
+    }
+
+    /// Weight row `jn` against `N` prepared rows: each weight vector is loaded and made
+    /// unsigned once, then multiplied with every row.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn row_dot(w: &QuantMatrix, jn: usize, x: &QuantRow) -> f32 {
+    unsafe fn row_dots<const N: usize>(w: &QuantMatrix, jn: usize, rows: &[Prepared]) -> [f32; N] {
         let (k, groups) = (w.k, w.groups());
-        let base = jn * groups;
-        // SAFETY: every load below stays inside the weight row (k bytes for q8, masked at the
-        // tail; groups * 16 for q4) and the padded activation row (groups * 32 bytes).
+        let pairs = rows[0].pairs;
+        let data = w.data().as_ptr();
+        let scales = w.scales().as_ptr().cast::<u16>();
+        let srow = jn * groups;
+        // SAFETY: loads stay inside the weight row (k bytes for q8, masked at the tail;
+        // groups * 16 bytes for q4, masked for an odd last group), inside its scales (the odd
+        // last group's pair reads one) and inside each prepared row (pairs * 64 bytes, 16
+        // lanes per pair).
         unsafe {
-            let mut acc = _mm512_setzero_ps();
-            let xq = x.q.as_ptr();
+            let mut acc = [_mm512_setzero_ps(); N];
             let low = _mm256_set1_epi8(0x0F);
-            let eight = _mm512_set1_epi8(8);
-            let mut g = 0;
-            while g < groups {
+            let flip = _mm512_set1_epi8(-128);
+            let idx = match w.format {
+                QuantFormat::Q8 => {
+                    _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                }
+                QuantFormat::Q4 => {
+                    _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
+                }
+            };
+            for p in 0..pairs {
+                let g = 2 * p;
                 let both = g + 1 < groups;
-                let (a, mk) = match w.format {
+                let wv = match w.format {
                     QuantFormat::Q8 => {
                         let left = k - g * GROUP;
                         let mk: __mmask64 = if left >= 64 { !0 } else { (1u64 << left) - 1 };
-                        let row = w.data().as_ptr().add(jn * k + g * GROUP);
-                        (_mm512_maskz_loadu_epi8(mk, row.cast()), mk)
+                        let v = _mm512_maskz_loadu_epi8(mk, data.add(jn * k + g * GROUP).cast());
+                        _mm512_xor_si512(v, flip)
                     }
                     QuantFormat::Q4 => {
-                        let row = w.data().as_ptr().add((base + g) * GROUP / 2);
+                        let at = data.add((srow + g) * GROUP / 2);
                         let lanes: __mmask32 = if both { !0 } else { 0xFFFF };
-                        let bytes = _mm256_maskz_loadu_epi8(lanes, row.cast());
+                        let bytes = _mm256_maskz_loadu_epi8(lanes, at.cast());
                         let lo = _mm256_and_si256(bytes, low);
                         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low);
-                        // [g0 lo, g1 lo | g0 hi, g1 hi] -> [g0 lo, g0 hi, g1 lo, g1 hi]
-                        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                        let z = _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z);
-                        let mk: __mmask64 = if both { !0 } else { (1u64 << 32) - 1 };
-                        (_mm512_sub_epi8(z, eight), mk)
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
                     }
                 };
-                let xv = _mm512_maskz_loadu_epi8(mk, xq.add(g * GROUP).cast());
-                let d = _mm512_cvtepi32_ps(dot64(a, xv));
-                let s0 = x.s[g] * w.group_scale(base + g);
+                let s0 = u32::from(*scales.add(srow + g));
                 let s1 = if both {
-                    x.s[g + 1] * w.group_scale(base + g + 1)
+                    u32::from(*scales.add(srow + g + 1))
                 } else {
-                    0.0
+                    0
                 };
-                acc = _mm512_fmadd_ps(d, two(s0, s1), acc);
-                g += 2;
+                let pairv = _mm256_set1_epi32((s0 | (s1 << 16)) as i32);
+                let sw = _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(pairv));
+                for (q, a) in acc.iter_mut().enumerate() {
+                    let row = &rows[q];
+                    let xv = _mm512_loadu_si512(row.x.as_ptr().add(p * 64).cast());
+                    let st = _mm512_loadu_si512(row.start.as_ptr().add(p * 16).cast());
+                    let dot = _mm512_dpbusd_epi32(st, wv, xv);
+                    let sx = _mm512_loadu_ps(row.sx.as_ptr().add(p * 16));
+                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx);
+                    *a = _mm512_fmadd_ps(t, sw, *a);
+                }
             }
-            _mm512_reduce_add_ps(acc)
+            std::array::from_fn(|q| _mm512_reduce_add_ps(acc[q]))
         }
     }
 }

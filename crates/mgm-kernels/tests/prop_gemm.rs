@@ -80,6 +80,7 @@ fn run_case(case: &Case, path: &str) -> Result<f64, String> {
     match path {
         "cpu" => gemm::cpu(a, b, out, &epi),
         "gemv" => gemm::gemv(a, b.t(), out, &epi),
+        "gemm_nt" => gemm::gemm_nt(a, b.t(), out, &epi),
         "cpu_serial" => gemm::cpu_packed(
             &PackedLhs::new(a),
             &PackedRhs::new(b),
@@ -198,9 +199,14 @@ proptest! {
             let err = run_case(&case, path).map_err(TestCaseError::fail)?;
             common::record(KERNEL, path, err);
         }
-        if m <= gemm::GEMV_ROWS && b_t && !a_t {
-            let err = run_case(&case, "gemv").map_err(TestCaseError::fail)?;
-            common::record(KERNEL, "gemv", err);
+        if b_t && !a_t {
+            // W^T stored as W [n, k] and X row-major: the in-place paths of Linear
+            let err = run_case(&case, "gemm_nt").map_err(TestCaseError::fail)?;
+            common::record(KERNEL, "gemm_nt", err);
+            if m <= gemm::GEMV_ROWS {
+                let err = run_case(&case, "gemv").map_err(TestCaseError::fail)?;
+                common::record(KERNEL, "gemv", err);
+            }
         }
     }
 }

@@ -1,4 +1,4 @@
-//! quant: the integer (VNNI or portable) path and the dequantized-GEMM path against the f64
+//! quant: the integer paths (the best for this CPU, and the portable one) against the f64
 //! reference of the same quantized math (scaled error <= 1e-5), the quantization error itself
 //! against the unquantized product (within the formats' bounds), storage round trips, and
 //! argument errors.
@@ -18,16 +18,23 @@ fn data(len: usize, scale: f32, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-scale..scale)).collect()
 }
 
-fn run(x: &[f32], m: usize, k: usize, w: &QuantMatrix, epi: &Epilogue<'_>, fast: bool) -> Vec<f32> {
+#[derive(Clone, Copy)]
+enum Path {
+    Reference,
+    Best,
+    Portable,
+}
+
+fn run(x: &[f32], m: usize, k: usize, w: &QuantMatrix, epi: &Epilogue<'_>, path: Path) -> Vec<f32> {
     let mut y = vec![f32::NAN; m * w.n()];
     let (xr, out) = (
         MatRef::row_major(x, m, k).unwrap(),
         MatMut::row_major(&mut y, m, w.n()).unwrap(),
     );
-    if fast {
-        quant::cpu(xr, w, out, epi).unwrap();
-    } else {
-        quant::reference(xr, w, out, epi).unwrap();
+    match path {
+        Path::Reference => quant::reference(xr, w, out, epi).unwrap(),
+        Path::Best => quant::cpu(xr, w, out, epi).unwrap(),
+        Path::Portable => quant::cpu_portable(xr, w, out, epi).unwrap(),
     }
     y
 }
@@ -48,9 +55,10 @@ proptest! {
         let b = data(n, 0.5, seed ^ 2);
         let q = QuantMatrix::quantize(MatRef::row_major(&w, n, k).unwrap(), format).unwrap();
         let epi = Epilogue { bias: bias.then_some(&b[..]), ..Epilogue::default() };
-        let want = run(&x, m, k, &q, &epi, false);
-        let got = run(&x, m, k, &q, &epi, true);
+        let want = run(&x, m, k, &q, &epi, Path::Reference);
         let mut worst = 0f64;
+        for path in [Path::Best, Path::Portable] {
+        let got = run(&x, m, k, &q, &epi, path);
         for i in 0..m {
             for j in 0..n {
                 // bound scaled by the size of the summed terms
@@ -59,6 +67,7 @@ proptest! {
                 prop_assert!(e <= 1e-5, "{format:?} m={m} k={k} n={n} ({i},{j}): {} vs {} ({e:e})", got[i * n + j], want[i * n + j]);
                 worst = worst.max(e);
             }
+        }
         }
         common::record(KERNEL, format.name(), worst);
     }
@@ -81,7 +90,7 @@ fn quantization_error_is_within_the_formats_bounds() {
     }
     for (format, bound) in [(QuantFormat::Q8, 1e-2), (QuantFormat::Q4, 1.2e-1)] {
         let q = QuantMatrix::quantize(MatRef::row_major(&w, n, k).unwrap(), format).unwrap();
-        let got = run(&x, m, k, &q, &Epilogue::default(), true);
+        let got = run(&x, m, k, &q, &Epilogue::default(), Path::Best);
         let (num, den) = got
             .iter()
             .zip(&exact)

@@ -104,7 +104,7 @@ impl<'m> Generation<'m> {
         }
         let pos = Positions::from_mask(&mask, b, t);
         let mut cache = model.new_cache(b, total)?;
-        let logits = model.step(&Tensor::from_vec(ids, &[b, t])?, &pos, &mut cache)?;
+        let logits = model.step_keep(&Tensor::from_vec(ids, &[b, t])?, &pos, &mut cache, 1)?;
         let last = last_logits(&logits)?;
         let samplers = (0..b)
             .map(|i| {

@@ -521,6 +521,19 @@ impl CausalLm {
     /// One inference step with the cache: `input_ids` `[B, T]` new tokens at `pos` (real tokens
     /// and padding as in a prompt's attention mask). Returns the logits `[B, T, V]`.
     pub fn step(&self, input_ids: &Tensor, pos: &Positions, cache: &mut KvCache) -> Result<Tensor> {
+        self.step_keep(input_ids, pos, cache, 0)
+    }
+
+    /// [`CausalLm::step`] returning the logits of the last `logits_to_keep` positions only
+    /// (`[B, keep, V]`; 0 keeps all), like transformers' `logits_to_keep`: a prefill that
+    /// only samples the next token skips the LM head on the rest of the prompt.
+    pub fn step_keep(
+        &self,
+        input_ids: &Tensor,
+        pos: &Positions,
+        cache: &mut KvCache,
+        logits_to_keep: usize,
+    ) -> Result<Tensor> {
         let s = input_ids.shape();
         if s.len() != 2 || s[0] != cache.batch {
             return Err(Error::input(
@@ -574,6 +587,12 @@ impl CausalLm {
             x = layer.ffn_forward(&h, &x)?;
         }
         cache.len += t;
+        let x = match logits_to_keep {
+            0 => x,
+            keep => x
+                .narrow(1, t.saturating_sub(keep), keep.min(t))?
+                .contiguous()?,
+        };
         let x = self.norm.forward(&x)?;
         Ok(self.lm_head.forward(&x)?)
     }

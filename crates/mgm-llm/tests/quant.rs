@@ -3,7 +3,7 @@
 //! structure of a trained checkpoint (random N(0, 0.02) weights are not: their logits are
 //! near-uniform noise whose relative error says little). On held-out text, q8 logits must be
 //! within 1e-2 and q4 within 5e-2 relative Frobenius error of the f32 model's, on the full
-//! forward (dequantized GEMM path) and on KV-cached decode (the integer kernel path). The
+//! forward (many rows per product) and on KV-cached decode (one row per product). The
 //! quantized layers are really the ones used (format reported, weight bytes shrunk, logits
 //! differ from f32), and a saved quantized model loads back to identical logits. The random
 //! transformers fixtures (every layer as large as the residual) get a bounded error too.

@@ -114,3 +114,198 @@ fn band_generic(x: MatRef<'_>, w: MatRef<'_>, j0: usize, j1: usize, dots: &mut [
 simd_variants!(band_generic => band_avx2, band_avx512(
     x: MatRef<'_>, w: MatRef<'_>, j0: usize, j1: usize, dots: &mut [f32]
 ));
+
+/// Weight rows per rayon task of [`gemm_nt`] (kept in L2 while every row of `X` passes).
+const NT_BAND: usize = 32;
+
+/// `C = epilogue(X W^T)` for any number of rows of `X`, both operands read in place along
+/// their unit stride (`w` `[n, k]` as stored, e.g. memory-mapped): [`gemv`] up to
+/// [`GEMV_ROWS`] rows; above, on AVX-512, tiles of 4 rows of `X` by 4 of `W` accumulate 16 dot
+/// products in registers over `k` (no packing: a prefill reads each weight once from memory,
+/// where the packed GEMM would first copy it); elsewhere the packed GEMM.
+pub fn gemm_nt(x: MatRef<'_>, w: MatRef<'_>, c: MatMut<'_>, epi: &Epilogue<'_>) -> Result<()> {
+    let (m, k, n) = (x.rows, x.cols, w.rows);
+    check(m, k, w.cols, n, &c, epi)?;
+    if m <= GEMV_ROWS {
+        return gemv(x, w, c, epi);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == crate::simd::Simd::Avx512 && x.cs == 1 && w.cs == 1 && k > 0 {
+        let ldc = c.rs;
+        let out = SharedPtr(c.ptr);
+        let band = |j0: usize| {
+            let j1 = (j0 + NT_BAND).min(n);
+            let nb = j1 - j0;
+            let mut dots = vec![0f32; m * nb];
+            // SAFETY: AVX-512F is available (simd_level); rows of x and w have unit stride
+            // and k elements.
+            unsafe { tiles::band(x, w, j0, j1, &mut dots) };
+            // SAFETY: as in gemv: the block rows 0..m, columns j0..j1 is this task's alone.
+            unsafe {
+                for i in 0..m {
+                    let row = std::slice::from_raw_parts_mut(out.get().add(i * ldc + j0), nb);
+                    let d = &dots[i * nb..(i + 1) * nb];
+                    if epi.accumulate {
+                        row.iter_mut().zip(d).for_each(|(o, &v)| *o += v);
+                    } else {
+                        row.copy_from_slice(d);
+                    }
+                }
+                finish_tile(out.get().add(j0), ldc, 0, j0, m, nb, epi);
+            }
+        };
+        (0..n)
+            .step_by(NT_BAND)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .for_each(band);
+        return Ok(());
+    }
+    super::cpu(x, w.t(), c, epi)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use std::arch::x86_64::*;
+
+    use super::MatRef;
+
+    const RM: usize = 4;
+    const RN: usize = 4;
+    /// Elements of `k` per pass.
+    const KC: usize = 512;
+
+    /// Dot products of every row of `x` with rows `j0..j1` of `w`, into
+    /// `dots[i * (j1 - j0) + j - j0]`.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `x` and `w` have unit column stride.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn band(
+        x: MatRef<'_>,
+        w: MatRef<'_>,
+        j0: usize,
+        j1: usize,
+        dots: &mut [f32],
+    ) {
+        let (m, k, nb) = (x.rows, x.cols, j1 - j0);
+        // k in chunks, so that a tile's 6 rows of X stay in L1 while the band's rows of W
+        // pass (L2); partial sums add up in `dots`
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = (k - k0).min(KC);
+            let mut i = 0;
+            while i < m {
+                let rm = (m - i).min(RM);
+                // missing rows repeat the last real one; their sums are dropped
+                let xp: [*const f32; RM] =
+                    std::array::from_fn(|q| x.data[(i + q.min(rm - 1)) * x.rs + k0..].as_ptr());
+                let mut j = j0;
+                while j < j1 {
+                    let rn = (j1 - j).min(RN);
+                    let wp: [*const f32; RN] =
+                        std::array::from_fn(|q| w.data[(j + q.min(rn - 1)) * w.rs + k0..].as_ptr());
+                    // SAFETY: every pointer starts kc readable elements of its row.
+                    let s = unsafe { micro(&xp, &wp, kc) };
+                    for (a, row) in s.iter().enumerate().take(rm) {
+                        for (b, &v) in row.iter().enumerate().take(rn) {
+                            dots[(i + a) * nb + j - j0 + b] += v;
+                        }
+                    }
+                    j += rn;
+                }
+                i += rm;
+            }
+            k0 += kc;
+        }
+    }
+
+    /// The 4 x 4 dot products of rows `xp` with rows `wp` (`k` elements each). The
+    /// accumulators are named variables: as arrays LLVM spilled them to the stack.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro(xp: &[*const f32; RM], wp: &[*const f32; RN], k: usize) -> [[f32; RN]; RM] {
+        // SAFETY: loads at offsets < k (the tail masked) of rows with k elements.
+        unsafe {
+            let mut c00 = _mm512_setzero_ps();
+            let mut c01 = _mm512_setzero_ps();
+            let mut c02 = _mm512_setzero_ps();
+            let mut c03 = _mm512_setzero_ps();
+            let mut c10 = _mm512_setzero_ps();
+            let mut c11 = _mm512_setzero_ps();
+            let mut c12 = _mm512_setzero_ps();
+            let mut c13 = _mm512_setzero_ps();
+            let mut c20 = _mm512_setzero_ps();
+            let mut c21 = _mm512_setzero_ps();
+            let mut c22 = _mm512_setzero_ps();
+            let mut c23 = _mm512_setzero_ps();
+            let mut c30 = _mm512_setzero_ps();
+            let mut c31 = _mm512_setzero_ps();
+            let mut c32 = _mm512_setzero_ps();
+            let mut c33 = _mm512_setzero_ps();
+            let full = k / 16 * 16;
+            let mut t = 0;
+            while t < full {
+                let w0 = _mm512_loadu_ps(wp[0].add(t));
+                let w1 = _mm512_loadu_ps(wp[1].add(t));
+                let w2 = _mm512_loadu_ps(wp[2].add(t));
+                let w3 = _mm512_loadu_ps(wp[3].add(t));
+                let x0 = _mm512_loadu_ps(xp[0].add(t));
+                c00 = _mm512_fmadd_ps(x0, w0, c00);
+                c01 = _mm512_fmadd_ps(x0, w1, c01);
+                c02 = _mm512_fmadd_ps(x0, w2, c02);
+                c03 = _mm512_fmadd_ps(x0, w3, c03);
+                let x1 = _mm512_loadu_ps(xp[1].add(t));
+                c10 = _mm512_fmadd_ps(x1, w0, c10);
+                c11 = _mm512_fmadd_ps(x1, w1, c11);
+                c12 = _mm512_fmadd_ps(x1, w2, c12);
+                c13 = _mm512_fmadd_ps(x1, w3, c13);
+                let x2 = _mm512_loadu_ps(xp[2].add(t));
+                c20 = _mm512_fmadd_ps(x2, w0, c20);
+                c21 = _mm512_fmadd_ps(x2, w1, c21);
+                c22 = _mm512_fmadd_ps(x2, w2, c22);
+                c23 = _mm512_fmadd_ps(x2, w3, c23);
+                let x3 = _mm512_loadu_ps(xp[3].add(t));
+                c30 = _mm512_fmadd_ps(x3, w0, c30);
+                c31 = _mm512_fmadd_ps(x3, w1, c31);
+                c32 = _mm512_fmadd_ps(x3, w2, c32);
+                c33 = _mm512_fmadd_ps(x3, w3, c33);
+                t += 16;
+            }
+            if full < k {
+                let mk: __mmask16 = (1u16 << (k - full)) - 1;
+                let t = full;
+                let w0 = _mm512_maskz_loadu_ps(mk, wp[0].add(t));
+                let w1 = _mm512_maskz_loadu_ps(mk, wp[1].add(t));
+                let w2 = _mm512_maskz_loadu_ps(mk, wp[2].add(t));
+                let w3 = _mm512_maskz_loadu_ps(mk, wp[3].add(t));
+                let x0 = _mm512_maskz_loadu_ps(mk, xp[0].add(t));
+                c00 = _mm512_fmadd_ps(x0, w0, c00);
+                c01 = _mm512_fmadd_ps(x0, w1, c01);
+                c02 = _mm512_fmadd_ps(x0, w2, c02);
+                c03 = _mm512_fmadd_ps(x0, w3, c03);
+                let x1 = _mm512_maskz_loadu_ps(mk, xp[1].add(t));
+                c10 = _mm512_fmadd_ps(x1, w0, c10);
+                c11 = _mm512_fmadd_ps(x1, w1, c11);
+                c12 = _mm512_fmadd_ps(x1, w2, c12);
+                c13 = _mm512_fmadd_ps(x1, w3, c13);
+                let x2 = _mm512_maskz_loadu_ps(mk, xp[2].add(t));
+                c20 = _mm512_fmadd_ps(x2, w0, c20);
+                c21 = _mm512_fmadd_ps(x2, w1, c21);
+                c22 = _mm512_fmadd_ps(x2, w2, c22);
+                c23 = _mm512_fmadd_ps(x2, w3, c23);
+                let x3 = _mm512_maskz_loadu_ps(mk, xp[3].add(t));
+                c30 = _mm512_fmadd_ps(x3, w0, c30);
+                c31 = _mm512_fmadd_ps(x3, w1, c31);
+                c32 = _mm512_fmadd_ps(x3, w2, c32);
+                c33 = _mm512_fmadd_ps(x3, w3, c33);
+            }
+            let r = |v: __m512| _mm512_reduce_add_ps(v);
+            [
+                [r(c00), r(c01), r(c02), r(c03)],
+                [r(c10), r(c11), r(c12), r(c13)],
+                [r(c20), r(c21), r(c22), r(c23)],
+                [r(c30), r(c31), r(c32), r(c33)],
+            ]
+        }
+    }
+}

@@ -49,7 +49,7 @@ use crate::softmax::exp_shifted_inplace;
 mod amx;
 mod gemv;
 
-pub use gemv::{GEMV_ROWS, gemv};
+pub use gemv::{GEMV_ROWS, gemm_nt, gemv};
 
 const KERNEL: &str = "gemm";
 

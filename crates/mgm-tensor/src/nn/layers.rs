@@ -8,9 +8,7 @@ use std::sync::Arc;
 use crate::autograd::needs_grad;
 use crate::nn::{Activation, Init, Param, VarStore};
 use crate::{Conv2dParams, DType, Error, Result, Tensor};
-use mgm_kernels::gemm::{
-    self, Epilogue, GEMV_ROWS, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism,
-};
+use mgm_kernels::gemm::{self, Epilogue, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism};
 use mgm_kernels::quant::{self, QuantFormat, QuantMatrix};
 
 /// A layer with one input and one output.
@@ -456,13 +454,7 @@ impl Linear {
                     act,
                     residual,
                     &out_shape,
-                    |a, c, e| {
-                        if a.rows() <= GEMV_ROWS {
-                            gemm::gemv(a, wm, c, e)
-                        } else {
-                            gemm::cpu(a, wm.t(), c, e)
-                        }
-                    },
+                    |a, c, e| gemm::gemm_nt(a, wm, c, e),
                 );
             }
             Kind::Quant(q) => {
