@@ -75,9 +75,16 @@ impl PythonPeer {
             "the PyTorch peer needs {} (run `cargo xtask reference` once)",
             py.display()
         );
-        let mut child = Command::new(&py)
-            .arg(workspace_root().join(script))
-            .args(args)
+        let mut cmd = Command::new(&py);
+        cmd.arg(workspace_root().join(script)).args(args);
+        Self::serve(cmd, script)
+    }
+
+    /// Starts `cmd` with `--serve` appended (any program speaking the protocol: a ready JSON
+    /// line, then one JSON line per `run`) and waits for ready; `what` names it in errors.
+    pub fn serve(mut cmd: Command, what: &str) -> PythonPeer {
+        let script = what;
+        let mut child = cmd
             .arg("--serve")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -110,11 +117,16 @@ impl PythonPeer {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("peer line {line:?}: {e}"))
     }
 
-    /// One timed pass of the peer, in seconds.
-    pub fn run(&mut self) -> f64 {
+    /// One `run` request; the peer's whole answer.
+    pub fn request(&mut self) -> serde_json::Value {
         writeln!(self.stdin, "run").expect("write to the peer");
         self.stdin.flush().expect("flush to the peer");
-        let v = self.read_line();
+        self.read_line()
+    }
+
+    /// One timed pass of the peer, in seconds.
+    pub fn run(&mut self) -> f64 {
+        let v = self.request();
         v["ms"]
             .as_f64()
             .unwrap_or_else(|| panic!("peer answered {v}"))
@@ -279,7 +291,8 @@ pub fn benchmarking() -> bool {
     has("--bench") && !has("--test") && !has("--list")
 }
 
-fn workspace_root() -> PathBuf {
+/// The workspace root (one level above benches/).
+pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("benches/ is one level below the workspace root")

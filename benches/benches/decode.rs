@@ -1,0 +1,353 @@
+//! LLM decode and prefill at TinyLlama-1.1B's dimensions (22 layers, hidden 2048, GQA 32/4,
+//! vocab 32000; random weights) against llama.cpp and PyTorch eager on the same CPU, measured
+//! in the same run: f32, q8 and q4 against llama.cpp's F32, Q8_0 and Q4_0 files of the same
+//! weights, and f32 against transformers. Every side is its own process serving timed runs
+//! over stdin (so peak RSS is each one's own), and the rounds alternate between them.
+//!
+//! One measurement: prefill of a fixed 128-token prompt from an empty cache (the last
+//! position's logits only, as llama.cpp and `logits_to_keep=1`), then 32 greedy decode steps.
+//! Setup (once, see benches/peers/decode_peers.py): `decode_model.py` writes
+//! target/decode-model, llama-cpp-python goes in target/decode-venv, torch is the reference
+//! venv's. mgm's quantized models are `mgm quantize`d copies (target/decode-model/mgm-q8,
+//! mgm-q4; written by this bench when absent) and load memory-mapped like the f32 one.
+//!
+//! The bandwidth floor printed with each dtype is the bytes a decoded token reads (every
+//! weight except the embedding table, of which one row) over the machine's copy bandwidth
+//! measured here (STREAM's convention: bytes read plus bytes written per second, all threads).
+#![allow(missing_docs)]
+#![allow(clippy::print_stdout)] // a bench reports on stdout
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mgm_benches::{PythonPeer, Row, benchmarking, report, workspace_root};
+use mgm_llm::{CausalLm, Positions, QuantFormat};
+use mgm_tensor::Tensor;
+use rayon::prelude::*;
+
+const PROMPT: usize = 128;
+const NEW: usize = 32;
+const ROUNDS: usize = 3;
+const VOCAB: u64 = 32000;
+/// Idle before each timed run: the other processes' worker threads stop spinning.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// The prompt ids of decode_peers.py (a 64-bit LCG).
+fn prompt_ids(n: usize) -> Vec<i64> {
+    let mut x: u64 = 0x2545F491;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (259 + (x >> 33) % (VOCAB - 259)) as i64
+        })
+        .collect()
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn argmax(v: &[f32]) -> i64 {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |a, (i, &x)| if x > a.1 { (i, x) } else { a },
+        )
+        .0 as i64
+}
+
+/// One prefill + greedy decode: (prefill tok/s, decode tok/s, tokens).
+fn measure(model: &CausalLm) -> (f64, f64, Vec<i64>) {
+    let ids = prompt_ids(PROMPT);
+    let mut cache = model.new_cache(1, PROMPT + NEW + 1).expect("cache");
+    let t0 = Instant::now();
+    let logits = model
+        .step_keep(
+            &Tensor::from_vec(ids, &[1, PROMPT]).expect("ids"),
+            &Positions::contiguous(1, PROMPT, 0),
+            &mut cache,
+            1,
+        )
+        .expect("prefill");
+    let mut tok = argmax(&logits.to_vec::<f32>().expect("logits"));
+    let prefill = PROMPT as f64 / t0.elapsed().as_secs_f64();
+    let mut toks = vec![tok];
+    let t1 = Instant::now();
+    for s in 0..NEW {
+        let l = model
+            .step(
+                &Tensor::from_vec(vec![tok], &[1, 1]).expect("id"),
+                &Positions::contiguous(1, 1, PROMPT + s),
+                &mut cache,
+            )
+            .expect("decode step");
+        tok = argmax(&l.to_vec::<f32>().expect("logits"));
+        toks.push(tok);
+    }
+    (prefill, NEW as f64 / t1.elapsed().as_secs_f64(), toks)
+}
+
+/// Bytes a decoded token reads: all weights but the (untied) embedding table, one row of it.
+fn bytes_per_token(m: &CausalLm) -> usize {
+    let c = m.config();
+    m.weight_bytes() - c.vocab_size * c.hidden_size * 4 + c.hidden_size * 4
+}
+
+/// The child process: serves measurements of the model in `dir` (the peers' protocol).
+fn serve(dir: &Path) {
+    let model = CausalLm::from_dir(dir).expect("load the bench model");
+    measure(&model); // warm-up: faults the mapped weights in
+    let out = std::io::stdout();
+    let ready = serde_json::json!({
+        "ready": true, "weight_bytes": model.weight_bytes(),
+        "bytes_per_token": bytes_per_token(&model),
+        "quantization": model.quantization().map(QuantFormat::name),
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    writeln!(out.lock(), "{ready}").expect("stdout");
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        if line.trim() != "run" {
+            break;
+        }
+        let (p, d, toks) = measure(&model);
+        let v = serde_json::json!({
+            "prefill_tok_s": p, "decode_tok_s": d, "peak_rss_mb": peak_rss_mb(),
+            "tokens": &toks[..8.min(toks.len())],
+        });
+        writeln!(out.lock(), "{v}").expect("stdout");
+    }
+}
+
+/// Copy bandwidth with every thread copying its share, bytes read + written per second.
+fn copy_bandwidth() -> f64 {
+    let threads = rayon::current_num_threads();
+    let per = 256 << 20;
+    let src: Vec<Vec<u8>> = (0..threads).map(|i| vec![i as u8 + 1; per]).collect();
+    let mut dst: Vec<Vec<u8>> = (0..threads).map(|_| vec![0u8; per]).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.par_iter_mut()
+            .zip(&src)
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.max((2 * per * threads) as f64 / t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    best
+}
+
+struct Best {
+    prefill: f64,
+    decode: f64,
+    rss_mb: f64,
+    tokens: Vec<i64>,
+}
+
+fn best_of(answers: &[serde_json::Value]) -> Best {
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Best {
+        prefill: answers
+            .iter()
+            .map(|v| f(v, "prefill_tok_s"))
+            .fold(0.0, f64::max),
+        decode: answers
+            .iter()
+            .map(|v| f(v, "decode_tok_s"))
+            .fold(0.0, f64::max),
+        rss_mb: answers
+            .iter()
+            .map(|v| f(v, "peak_rss_mb"))
+            .fold(0.0, f64::max),
+        tokens: answers
+            .last()
+            .and_then(|v| v["tokens"].as_array())
+            .map(|a| a.iter().filter_map(|t| t.as_i64()).collect())
+            .unwrap_or_default(),
+    }
+}
+
+fn ours(dir: &Path) -> PythonPeer {
+    let mut cmd = Command::new(std::env::current_exe().expect("this bench"));
+    cmd.env("MGM_DECODE_CHILD", dir);
+    PythonPeer::serve(cmd, "the mgm decode child")
+}
+
+fn peer(python: &Path, engine: &str, model: &Path, threads: usize) -> PythonPeer {
+    let mut cmd = Command::new(python);
+    cmd.arg(workspace_root().join("benches/peers/decode_peers.py"))
+        .args(["--engine", engine, "--model"])
+        .arg(model)
+        .args(["--threads", &threads.to_string()])
+        .args(["--prompt-tokens", &PROMPT.to_string()])
+        .args(["--new-tokens", &NEW.to_string()]);
+    PythonPeer::serve(cmd, engine)
+}
+
+/// Alternates `ROUNDS` timed runs of every side; each side's answers.
+fn rounds(sides: &mut [&mut PythonPeer]) -> Vec<Vec<serde_json::Value>> {
+    let mut out = vec![Vec::new(); sides.len()];
+    for _ in 0..ROUNDS {
+        for (s, o) in sides.iter_mut().zip(&mut out) {
+            std::thread::sleep(SETTLE);
+            o.push(s.request());
+        }
+    }
+    out
+}
+
+fn main() {
+    if let Some(dir) = std::env::var_os("MGM_DECODE_CHILD") {
+        return serve(Path::new(&dir));
+    }
+    if let (Some(fmt), Some(out)) = (
+        std::env::var("MGM_DECODE_QUANTIZE").ok(),
+        std::env::var_os("MGM_DECODE_OUT"),
+    ) {
+        let root = workspace_root().join("target/decode-model");
+        let format = QuantFormat::parse(&fmt).expect("q8 or q4");
+        let m = CausalLm::from_dir(root.join("hf")).expect("load hf");
+        m.quantize(format)
+            .expect("quantize")
+            .save(&out)
+            .expect("save");
+        return;
+    }
+    if !benchmarking() {
+        return;
+    }
+    let root = workspace_root();
+    let model_dir = root.join("target/decode-model");
+    let llama_py = root.join("target/decode-venv/bin/python");
+    let torch_py = root.join("target/reference-venv/bin/python");
+    let needed: Vec<PathBuf> = vec![
+        model_dir.join("hf/config.json"),
+        model_dir.join("model-f32.gguf"),
+        model_dir.join("model-q8_0.gguf"),
+        model_dir.join("model-q4_0.gguf"),
+        llama_py.clone(),
+        torch_py.clone(),
+    ];
+    if let Some(missing) = needed.iter().find(|p| !p.exists()) {
+        eprintln!(
+            "bench decode: {} is missing; set up the peers and the model as \
+             benches/peers/decode_peers.py describes",
+            missing.display()
+        );
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let bw = copy_bandwidth();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for (name, gguf, llama_name) in [
+        ("f32", "model-f32.gguf", "F32"),
+        ("q8", "model-q8_0.gguf", "Q8_0"),
+        ("q4", "model-q4_0.gguf", "Q4_0"),
+    ] {
+        let dir = if name == "f32" {
+            model_dir.join("hf")
+        } else {
+            let d = model_dir.join(format!("mgm-{name}"));
+            if !d.join("config.json").exists() {
+                let status = Command::new(std::env::current_exe().expect("this bench"))
+                    .env("MGM_DECODE_QUANTIZE", name)
+                    .env("MGM_DECODE_OUT", &d)
+                    .status()
+                    .expect("run the quantize child");
+                assert!(status.success(), "quantizing to {name} failed");
+                for f in ["generation_config.json"] {
+                    let _ = std::fs::copy(model_dir.join("hf").join(f), d.join(f));
+                }
+            }
+            d
+        };
+        let mut mgm = ours(&dir);
+        let mut llama = peer(&llama_py, "llama_cpp", &model_dir.join(gguf), threads);
+        let weight_bytes = mgm.info["weight_bytes"].as_f64().unwrap_or(f64::NAN);
+        let per_token = mgm.info["bytes_per_token"].as_f64().unwrap_or(f64::NAN);
+        let floor = bw / per_token;
+        let (m, l, t) = if name == "f32" {
+            let mut torch = peer(&torch_py, "torch", &model_dir.join("hf"), threads);
+            let mut r = rounds(&mut [&mut mgm, &mut llama, &mut torch]);
+            let t = best_of(&r.pop().expect("torch"));
+            let l = best_of(&r.pop().expect("llama"));
+            (best_of(&r.pop().expect("mgm")), l, Some(t))
+        } else {
+            let mut r = rounds(&mut [&mut mgm, &mut llama]);
+            let l = best_of(&r.pop().expect("llama"));
+            (best_of(&r.pop().expect("mgm")), l, None)
+        };
+        let peer_name = format!("llama.cpp {llama_name}");
+        rows.push(Row::new(
+            &format!("decode {name} (floor {floor:.2} tok/s)"),
+            "tok/s",
+            m.decode,
+            l.decode,
+            &peer_name,
+        ));
+        rows.push(Row::new(
+            &format!("prefill {name} {PROMPT} tokens"),
+            "tok/s",
+            m.prefill,
+            l.prefill,
+            &peer_name,
+        ));
+        if let Some(t) = &t {
+            rows.push(Row::new(
+                "decode f32",
+                "tok/s",
+                m.decode,
+                t.decode,
+                "torch eager",
+            ));
+            rows.push(Row::new(
+                &format!("prefill f32 {PROMPT} tokens"),
+                "tok/s",
+                m.prefill,
+                t.prefill,
+                "torch eager",
+            ));
+        }
+        notes.push(format!(
+            "{name}: weights {:.0} MB ({:.0} MB read per token); peak RSS mgm {:.0} MB = {:.2}x \
+             the weights, llama.cpp {:.0} MB; decode at {:.0}% of the floor (llama.cpp {:.0}%); \
+             first tokens mgm {:?}, llama.cpp {:?}{}",
+            weight_bytes / 1e6,
+            per_token / 1e6,
+            m.rss_mb,
+            m.rss_mb * 1048576.0 / weight_bytes,
+            l.rss_mb,
+            100.0 * m.decode / floor,
+            100.0 * l.decode / floor,
+            m.tokens,
+            l.tokens,
+            t.as_ref()
+                .map(|t| format!(", torch {:?}", t.tokens))
+                .unwrap_or_default()
+        ));
+    }
+    report(
+        "decode",
+        &format!(
+            "TinyLlama-1.1B dims, random weights, batch 1, {threads} threads each, best of \
+             {ROUNDS} rounds alternating the processes; copy bandwidth {:.1} GB/s (read + \
+             write)",
+            bw / 1e9
+        ),
+        &rows,
+    );
+    for n in notes {
+        println!("{n}");
+    }
+}
