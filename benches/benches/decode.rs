@@ -266,9 +266,8 @@ fn main() {
                     .status()
                     .expect("run the quantize child");
                 assert!(status.success(), "quantizing to {name} failed");
-                for f in ["generation_config.json"] {
-                    let _ = std::fs::copy(model_dir.join("hf").join(f), d.join(f));
-                }
+                let f = "generation_config.json";
+                let _ = std::fs::copy(model_dir.join("hf").join(f), d.join(f));
             }
             d
         };
