@@ -522,80 +522,94 @@ fn row_dot_portable(w: &QuantMatrix, jn: usize, x: &QuantRow) -> f32 {
 /// are made unsigned: q8 bytes `w ^ 0x80 = w + 128`, q4 nibbles `q = w + 8` as stored, and
 /// the excess `off * sum(x)` (per 4-byte lane, off = 128 or 8) is subtracted exactly by
 /// starting each lane's accumulator at `-off * sum(x)` of that lane. The activation side
-/// (bytes, those start values and per-lane scales) is laid out once per call, in pairs of
-/// groups: a 64-byte vector of q8 weights is two groups (lanes 0-7 and 8-15); 32 bytes of q4
-/// weights are two groups too, their low nibbles then high nibbles, so lanes 0-3 and 8-11 are
-/// the first group and 4-7 and 12-15 the second, and the activation bytes are permuted to
-/// match.
+/// (bytes, those start values and per-lane scales) is laid out once per call in blocks that
+/// match one step over the weights: for q8 a pair of groups (64 weight bytes, lanes 0-7 the
+/// first group, 8-15 the second); for q4 four groups (64 weight bytes: their low nibbles are
+/// one vector and their high nibbles another, each with 4 lanes per group, so both products
+/// add into one accumulator).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{GROUP, QuantFormat, QuantMatrix, QuantRow};
 
-    /// Bytes per pair of groups.
-    const PAIR: usize = 2 * GROUP;
+    /// Groups per block.
+    fn per_block(format: QuantFormat) -> usize {
+        match format {
+            QuantFormat::Q8 => 2,
+            QuantFormat::Q4 => 4,
+        }
+    }
 
     /// One activation row in the kernel's layout.
     pub(super) struct Prepared {
-        /// Per pair of groups: 64 int8 activations in weight-lane order.
+        /// Per block: the int8 activations in weight-lane order (64 bytes for q8; 128 for q4,
+        /// the low-nibble partners then the high-nibble ones).
         x: Vec<i8>,
-        /// Per pair: 16 i32 accumulator start values, `-off * (sum of the lane's 4 bytes)`.
+        /// Per block: 16 i32 accumulator start values, `-off * (sum of the lane's bytes)`.
         start: Vec<i32>,
-        /// Per pair: 16 f32 activation scales, one per lane.
+        /// Per block: 16 f32 activation scales, one per lane.
         sx: Vec<f32>,
-        pairs: usize,
+        blocks: usize,
     }
 
     impl Prepared {
         pub(super) fn new(r: &QuantRow, format: QuantFormat) -> Prepared {
             let groups = r.s.len();
-            let pairs = groups.div_ceil(2);
-            let mut x = vec![0i8; pairs * PAIR];
-            let mut start = vec![0i32; pairs * 16];
-            let mut sx = vec![0f32; pairs * 16];
+            let gpb = per_block(format);
+            let blocks = groups.div_ceil(gpb);
+            let xb = gpb * GROUP; // activation bytes per block
+            let lanes_per_group = 16 / gpb;
+            let mut x = vec![0i8; blocks * xb];
+            let mut start = vec![0i32; blocks * 16];
+            let mut sx = vec![0f32; blocks * 16];
             let off = match format {
                 QuantFormat::Q8 => 128,
                 QuantFormat::Q4 => 8,
             };
-            for p in 0..pairs {
-                for half in 0..2 {
-                    let g = 2 * p + half;
+            for b in 0..blocks {
+                for local in 0..gpb {
+                    let g = b * gpb + local;
                     if g >= groups {
                         continue;
                     }
                     let src = &r.q[g * GROUP..(g + 1) * GROUP];
-                    // where value j of group g lands in the pair's 64 bytes
-                    let at = |j: usize| match format {
-                        QuantFormat::Q8 => half * GROUP + j,
-                        QuantFormat::Q4 => (j / 16) * 32 + half * 16 + j % 16,
-                    };
                     for (j, &v) in src.iter().enumerate() {
-                        x[p * PAIR + at(j)] = v;
+                        // where value j of the block's group `local` meets its weight
+                        let at = match format {
+                            QuantFormat::Q8 => local * GROUP + j,
+                            QuantFormat::Q4 => (j / 16) * 64 + local * 16 + j % 16,
+                        };
+                        x[b * xb + at] = v;
                     }
                 }
                 for lane in 0..16 {
-                    let bytes = &x[p * PAIR + lane * 4..p * PAIR + lane * 4 + 4];
-                    start[p * 16 + lane] = -off * bytes.iter().map(|&b| i32::from(b)).sum::<i32>();
-                    let half = match format {
-                        QuantFormat::Q8 => lane / 8,
-                        QuantFormat::Q4 => (lane / 4) % 2,
+                    let sum: i32 = match format {
+                        QuantFormat::Q8 => x[b * xb + lane * 4..][..4]
+                            .iter()
+                            .map(|&v| i32::from(v))
+                            .sum(),
+                        QuantFormat::Q4 => (0..2)
+                            .flat_map(|h| x[b * xb + h * 64 + lane * 4..][..4].iter())
+                            .map(|&v| i32::from(v))
+                            .sum(),
                     };
-                    let g = 2 * p + half;
-                    sx[p * 16 + lane] = if g < groups { r.s[g] } else { 0.0 };
+                    start[b * 16 + lane] = -off * sum;
+                    let g = b * gpb + lane / lanes_per_group;
+                    sx[b * 16 + lane] = if g < groups { r.s[g] } else { 0.0 };
                 }
             }
             Prepared {
                 x,
                 start,
                 sx,
-                pairs,
+                blocks,
             }
         }
     }
 
-    /// Activation rows per weight-vector load.
-    const R: usize = 4;
+    /// Most activation rows per weight-vector load.
+    const R: usize = 8;
 
     /// Dot products of weight rows `j0..j1` with every prepared row, into
     /// `d[i * (j1 - j0) + j - j0]`.
@@ -615,12 +629,16 @@ mod avx512 {
         for jn in j0..j1 {
             let mut i = 0;
             while i < rows.len() {
-                let r = (rows.len() - i).min(R);
+                // chunks of 8, then 4, 2, 1 rows
+                let r = [8, 4, 2, 1]
+                    .into_iter()
+                    .find(|&c| c <= rows.len() - i)
+                    .unwrap_or(1);
                 // SAFETY: as this function's contract; rows i..i + r exist.
                 let v = unsafe {
                     match r {
-                        4 => row_dots::<4>(w, jn, &rows[i..i + 4]),
-                        3 => pad(row_dots::<3>(w, jn, &rows[i..i + 3])),
+                        8 => row_dots::<8>(w, jn, &rows[i..i + 8]),
+                        4 => pad(row_dots::<4>(w, jn, &rows[i..i + 4])),
                         2 => pad(row_dots::<2>(w, jn, &rows[i..i + 2])),
                         _ => pad(row_dots::<1>(w, jn, &rows[i..i + 1])),
                     }
@@ -641,64 +659,123 @@ mod avx512 {
 
     /// Weight row `jn` against `N` prepared rows: each weight vector is loaded and made
     /// unsigned once, then multiplied with every row.
+    ///
+    /// # Safety
+    /// As [`band`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn row_dots<const N: usize>(w: &QuantMatrix, jn: usize, rows: &[Prepared]) -> [f32; N] {
+        // SAFETY: as this function's contract.
+        unsafe {
+            match w.format {
+                QuantFormat::Q8 => row_dots_q8::<N>(w, jn, rows),
+                QuantFormat::Q4 => row_dots_q4::<N>(w, jn, rows),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn row_dots_q8<const N: usize>(
+        w: &QuantMatrix,
+        jn: usize,
+        rows: &[Prepared],
+    ) -> [f32; N] {
         let (k, groups) = (w.k, w.groups());
-        let pairs = rows[0].pairs;
+        let blocks = rows[0].blocks;
         let data = w.data().as_ptr();
         let scales = w.scales().as_ptr().cast::<u16>();
         let srow = jn * groups;
-        // SAFETY: loads stay inside the weight row (k bytes for q8, masked at the tail;
-        // groups * 16 bytes for q4, masked for an odd last group), inside its scales (the odd
-        // last group's pair reads one) and inside each prepared row (pairs * 64 bytes, 16
-        // lanes per pair).
+        // SAFETY: loads stay inside the weight row (k bytes for q8, groups * 16 for q4; the
+        // last block masked), inside its scales (a short last block reads only its groups')
+        // and inside each prepared row (`blocks` blocks of activations, starts and scales).
         unsafe {
             let mut acc = [_mm512_setzero_ps(); N];
-            let low = _mm256_set1_epi8(0x0F);
             let flip = _mm512_set1_epi8(-128);
-            let idx = match w.format {
-                QuantFormat::Q8 => {
-                    _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-                }
-                QuantFormat::Q4 => {
-                    _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
-                }
-            };
-            for p in 0..pairs {
-                let g = 2 * p;
-                let both = g + 1 < groups;
-                let wv = match w.format {
-                    QuantFormat::Q8 => {
-                        let left = k - g * GROUP;
-                        let mk: __mmask64 = if left >= 64 { !0 } else { (1u64 << left) - 1 };
-                        let v = _mm512_maskz_loadu_epi8(mk, data.add(jn * k + g * GROUP).cast());
-                        _mm512_xor_si512(v, flip)
-                    }
-                    QuantFormat::Q4 => {
-                        let at = data.add((srow + g) * GROUP / 2);
-                        let lanes: __mmask32 = if both { !0 } else { 0xFFFF };
-                        let bytes = _mm256_maskz_loadu_epi8(lanes, at.cast());
-                        let lo = _mm256_and_si256(bytes, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low);
-                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-                    }
-                };
+            let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            let row = data.add(jn * k);
+            for b in 0..blocks {
+                let g = 2 * b;
+                let left = k - g * GROUP;
+                let mk: __mmask64 = if left >= 64 { !0 } else { (1u64 << left) - 1 };
+                let wv =
+                    _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, row.add(g * GROUP).cast()), flip);
                 let s0 = u32::from(*scales.add(srow + g));
-                let s1 = if both {
+                let s1 = if g + 1 < groups {
                     u32::from(*scales.add(srow + g + 1))
                 } else {
                     0
                 };
-                let pairv = _mm256_set1_epi32((s0 | (s1 << 16)) as i32);
-                let sw = _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(pairv));
+                let sw = _mm512_permutexvar_ps(
+                    idx,
+                    _mm512_cvtph_ps(_mm256_set1_epi32((s0 | (s1 << 16)) as i32)),
+                );
                 for (q, a) in acc.iter_mut().enumerate() {
-                    let row = &rows[q];
-                    let xv = _mm512_loadu_si512(row.x.as_ptr().add(p * 64).cast());
-                    let st = _mm512_loadu_si512(row.start.as_ptr().add(p * 16).cast());
+                    let r = &rows[q];
+                    let xv = _mm512_loadu_si512(r.x.as_ptr().add(b * 64).cast());
+                    let st = _mm512_loadu_si512(r.start.as_ptr().add(b * 16).cast());
                     let dot = _mm512_dpbusd_epi32(st, wv, xv);
-                    let sx = _mm512_loadu_ps(row.sx.as_ptr().add(p * 16));
-                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx);
+                    let t = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(dot),
+                        _mm512_loadu_ps(r.sx.as_ptr().add(b * 16)),
+                    );
                     *a = _mm512_fmadd_ps(t, sw, *a);
+                }
+            }
+            std::array::from_fn(|q| _mm512_reduce_add_ps(acc[q]))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn row_dots_q4<const N: usize>(
+        w: &QuantMatrix,
+        jn: usize,
+        rows: &[Prepared],
+    ) -> [f32; N] {
+        let groups = w.groups();
+        let blocks = rows[0].blocks;
+        let data = w.data().as_ptr();
+        let scales = w.scales().as_ptr().cast::<u16>();
+        let srow = jn * groups;
+        let xs: [*const i8; N] = std::array::from_fn(|q| rows[q].x.as_ptr());
+        let sts: [*const i32; N] = std::array::from_fn(|q| rows[q].start.as_ptr());
+        let sxs: [*const f32; N] = std::array::from_fn(|q| rows[q].sx.as_ptr());
+        // SAFETY: loads stay inside the weight row (k bytes for q8, groups * 16 for q4; the
+        // last block masked), inside its scales (a short last block reads only its groups')
+        // and inside each prepared row (`blocks` blocks of activations, starts and scales).
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); N];
+            let low = _mm512_set1_epi8(0x0F);
+            let idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+            let row = data.add(srow * GROUP / 2);
+            for b in 0..blocks {
+                let g = 4 * b;
+                let here = (groups - g).min(4);
+                let wv = if here == 4 {
+                    _mm512_loadu_si512(row.add(g * GROUP / 2).cast())
+                } else {
+                    let mk: __mmask64 = (1u64 << (here * 16)) - 1;
+                    _mm512_maskz_loadu_epi8(mk, row.add(g * GROUP / 2).cast())
+                };
+                let lo = _mm512_and_si512(wv, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), low);
+                let sw = if here == 4 {
+                    let four = _mm_loadl_epi64(scales.add(srow + g).cast());
+                    _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(_mm256_broadcastq_epi64(four)))
+                } else {
+                    let mut h = [0u16; 4];
+                    for (t, v) in h.iter_mut().enumerate().take(here) {
+                        *v = *scales.add(srow + g + t);
+                    }
+                    let four = _mm_loadl_epi64(h.as_ptr().cast());
+                    _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(_mm256_broadcastq_epi64(four)))
+                };
+                for q in 0..N {
+                    let xp = xs[q].add(b * 128);
+                    let st = _mm512_loadu_si512(sts[q].add(b * 16).cast());
+                    let dot = _mm512_dpbusd_epi32(st, lo, _mm512_loadu_si512(xp.cast()));
+                    let dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xp.add(64).cast()));
+                    let t =
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(sxs[q].add(b * 16)));
+                    acc[q] = _mm512_fmadd_ps(t, sw, acc[q]);
                 }
             }
             std::array::from_fn(|q| _mm512_reduce_add_ps(acc[q]))
