@@ -45,8 +45,9 @@ use crate::gemm::{Epilogue, MatMut, MatRef};
 const KERNEL: &str = "quant";
 /// Values per Q4 group and per activation block.
 pub const GROUP: usize = 32;
-/// Output rows per rayon task of the integer path.
-const BAND: usize = 32;
+/// Weight bytes per rayon task of the integer path: tasks of a few µs each would spend a
+/// large share of a decode step in scheduling.
+const TASK_BYTES: usize = 256 << 10;
 
 fn param(msg: String) -> Error {
     Error::Param {
@@ -427,10 +428,13 @@ fn run(
             .map(|r| avx512::Prepared::new(r, w.format))
             .collect()
     });
-    let bands: Vec<usize> = (0..n).step_by(BAND).collect();
+    let row_bytes = w.bytes() / n;
+    let per_thread = n.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let band_rows = (TASK_BYTES / row_bytes.max(1)).clamp(8, 1024).min(per_thread);
+    let bands: Vec<usize> = (0..n).step_by(band_rows).collect();
     let work = n * m * k;
     let band = |&j0: &usize| {
-        let j1 = (j0 + BAND).min(n);
+        let j1 = (j0 + band_rows).min(n);
         let nb = j1 - j0;
         let mut d = vec![0f32; m * nb];
         #[cfg(target_arch = "x86_64")]
@@ -453,7 +457,7 @@ fn run(
         bands.iter().map(band).collect()
     };
     for (bi, &j0) in bands.iter().enumerate() {
-        let nb = (j0 + BAND).min(n) - j0;
+        let nb = (j0 + band_rows).min(n) - j0;
         for i in 0..m {
             for q in 0..nb {
                 let jn = j0 + q;
@@ -532,6 +536,9 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{GROUP, QuantFormat, QuantMatrix, QuantRow};
+
+    /// How far ahead of the weight loads to prefetch, in bytes.
+    const PREFETCH: usize = 4096;
 
     /// Groups per block.
     fn per_block(format: QuantFormat) -> usize {
@@ -695,9 +702,15 @@ mod avx512 {
             for b in 0..blocks {
                 let g = 2 * b;
                 let left = k - g * GROUP;
-                let mk: __mmask64 = if left >= 64 { !0 } else { (1u64 << left) - 1 };
-                let wv =
-                    _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, row.add(g * GROUP).cast()), flip);
+                let at = row.add(g * GROUP);
+                // one stream per core does not keep the memory busy on its own
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH).cast());
+                let v = if left >= 64 {
+                    _mm512_loadu_si512(at.cast())
+                } else {
+                    _mm512_maskz_loadu_epi8((1u64 << left) - 1, at.cast())
+                };
+                let wv = _mm512_xor_si512(v, flip);
                 let s0 = u32::from(*scales.add(srow + g));
                 let s1 = if g + 1 < groups {
                     u32::from(*scales.add(srow + g + 1))
@@ -749,6 +762,7 @@ mod avx512 {
             for b in 0..blocks {
                 let g = 4 * b;
                 let here = (groups - g).min(4);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(g * GROUP / 2 + PREFETCH).cast());
                 let wv = if here == 4 {
                     _mm512_loadu_si512(row.add(g * GROUP / 2).cast())
                 } else {
