@@ -423,14 +423,12 @@ fn run(
         .map(|i| quantize_row(&(0..k).map(|j| x.get(i, j)).collect::<Vec<_>>()))
         .collect();
     #[cfg(target_arch = "x86_64")]
-    let prepared: Option<Vec<avx512::Prepared>> = vnni.then(|| {
-        rows.par_iter()
-            .map(|r| avx512::Prepared::new(r, w.format))
-            .collect()
-    });
+    let prepared: Option<avx512::Prepared> = vnni.then(|| avx512::Prepared::new(&rows, w.format));
     let row_bytes = w.bytes() / n;
     let per_thread = n.div_ceil(4 * rayon::current_num_threads()).max(1);
-    let band_rows = (TASK_BYTES / row_bytes.max(1)).clamp(8, 1024).min(per_thread);
+    let band_rows = (TASK_BYTES / row_bytes.max(1))
+        .clamp(8, 1024)
+        .min(per_thread);
     let bands: Vec<usize> = (0..n).step_by(band_rows).collect();
     let work = n * m * k;
     let band = |&j0: &usize| {
@@ -548,71 +546,99 @@ mod avx512 {
         }
     }
 
-    /// One activation row in the kernel's layout.
+    /// The activation rows in the kernel's layout, one buffer: entry `(block b, row r)` at
+    /// `(b * m + r) * stride` bytes holds the row's int8 activations for that block in
+    /// weight-lane order (64 bytes for q8; 128 for q4, the low-nibble partners then the
+    /// high-nibble ones), then 16 i32 accumulator start values `-off * (sum of the lane's
+    /// bytes)`, then 16 f32 per-lane activation scales. The rows of one block are adjacent,
+    /// so a kernel reaches all of its rows from one pointer at constant offsets.
     pub(super) struct Prepared {
-        /// Per block: the int8 activations in weight-lane order (64 bytes for q8; 128 for q4,
-        /// the low-nibble partners then the high-nibble ones).
-        x: Vec<i8>,
-        /// Per block: 16 i32 accumulator start values, `-off * (sum of the lane's bytes)`.
-        start: Vec<i32>,
-        /// Per block: 16 f32 activation scales, one per lane.
-        sx: Vec<f32>,
+        buf: Vec<__m512i>,
+        m: usize,
         blocks: usize,
+        /// Bytes per entry.
+        stride: usize,
     }
 
     impl Prepared {
-        pub(super) fn new(r: &QuantRow, format: QuantFormat) -> Prepared {
-            let groups = r.s.len();
+        pub(super) fn new(rows: &[QuantRow], format: QuantFormat) -> Prepared {
+            let m = rows.len();
+            let groups = rows.first().map_or(0, |r| r.s.len());
             let gpb = per_block(format);
             let blocks = groups.div_ceil(gpb);
-            let xb = gpb * GROUP; // activation bytes per block
+            let xb = gpb * GROUP; // activation bytes per entry
+            let stride = xb + 128;
             let lanes_per_group = 16 / gpb;
-            let mut x = vec![0i8; blocks * xb];
-            let mut start = vec![0i32; blocks * 16];
-            let mut sx = vec![0f32; blocks * 16];
             let off = match format {
                 QuantFormat::Q8 => 128,
                 QuantFormat::Q4 => 8,
             };
-            for b in 0..blocks {
-                for local in 0..gpb {
-                    let g = b * gpb + local;
-                    if g >= groups {
-                        continue;
+            let mut bytes = vec![0u8; blocks * m * stride];
+            for (ri, r) in rows.iter().enumerate() {
+                for b in 0..blocks {
+                    let e = &mut bytes[(b * m + ri) * stride..(b * m + ri + 1) * stride];
+                    let (x, rest) = e.split_at_mut(xb);
+                    for local in 0..gpb {
+                        let g = b * gpb + local;
+                        if g >= groups {
+                            continue;
+                        }
+                        for (j, &v) in r.q[g * GROUP..(g + 1) * GROUP].iter().enumerate() {
+                            // where value j of the block's group `local` meets its weight
+                            let at = match format {
+                                QuantFormat::Q8 => local * GROUP + j,
+                                QuantFormat::Q4 => (j / 16) * 64 + local * 16 + j % 16,
+                            };
+                            x[at] = v as u8;
+                        }
                     }
-                    let src = &r.q[g * GROUP..(g + 1) * GROUP];
-                    for (j, &v) in src.iter().enumerate() {
-                        // where value j of the block's group `local` meets its weight
-                        let at = match format {
-                            QuantFormat::Q8 => local * GROUP + j,
-                            QuantFormat::Q4 => (j / 16) * 64 + local * 16 + j % 16,
-                        };
-                        x[b * xb + at] = v;
-                    }
-                }
-                for lane in 0..16 {
-                    let sum: i32 = match format {
-                        QuantFormat::Q8 => x[b * xb + lane * 4..][..4]
-                            .iter()
-                            .map(|&v| i32::from(v))
-                            .sum(),
-                        QuantFormat::Q4 => (0..2)
-                            .flat_map(|h| x[b * xb + h * 64 + lane * 4..][..4].iter())
-                            .map(|&v| i32::from(v))
-                            .sum(),
+                    let lane_sum = |lane: usize| -> i32 {
+                        (0..xb / 64)
+                            .flat_map(|h| x[h * 64 + lane * 4..][..4].iter())
+                            .map(|&v| i32::from(v as i8))
+                            .sum()
                     };
-                    start[b * 16 + lane] = -off * sum;
-                    let g = b * gpb + lane / lanes_per_group;
-                    sx[b * 16 + lane] = if g < groups { r.s[g] } else { 0.0 };
+                    for lane in 0..16 {
+                        let start = -off * lane_sum(lane);
+                        rest[lane * 4..lane * 4 + 4].copy_from_slice(&start.to_le_bytes());
+                        let g = b * gpb + lane / lanes_per_group;
+                        let sx = if g < groups { r.s[g] } else { 0.0 };
+                        rest[64 + lane * 4..64 + lane * 4 + 4].copy_from_slice(&sx.to_le_bytes());
+                    }
                 }
             }
+            // copied into 64-byte aligned storage
+            let mut buf = vec![_mm512_setzero_si512_portable(); bytes.len() / 64];
+            // SAFETY: `buf` holds exactly bytes.len() bytes (stride and xb are multiples of 64).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    buf.as_mut_ptr().cast::<u8>(),
+                    bytes.len(),
+                )
+            };
             Prepared {
-                x,
-                start,
-                sx,
+                buf,
+                m,
                 blocks,
+                stride,
             }
         }
+
+        /// Entry `(b, r)`.
+        #[inline(always)]
+        fn at(&self, b: usize, r: usize) -> *const u8 {
+            self.buf
+                .as_ptr()
+                .cast::<u8>()
+                .wrapping_add((b * self.m + r) * self.stride)
+        }
+    }
+
+    /// A zero vector without target features (for the buffer's initial value).
+    fn _mm512_setzero_si512_portable() -> __m512i {
+        // SAFETY: an all-zero bit pattern is a valid __m512i.
+        unsafe { std::mem::zeroed() }
     }
 
     /// Most activation rows per weight-vector load.
@@ -622,32 +648,31 @@ mod avx512 {
     /// `d[i * (j1 - j0) + j - j0]`.
     ///
     /// # Safety
-    /// The CPU has AVX-512F, BW, VL and VNNI; every `Prepared` was built for `w`'s format
-    /// and `k`.
+    /// The CPU has AVX-512F, BW, VL and VNNI; `rows` was built for `w`'s format and `k`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn band(
         w: &QuantMatrix,
         j0: usize,
         j1: usize,
-        rows: &[Prepared],
+        rows: &Prepared,
         d: &mut [f32],
     ) {
         let nb = j1 - j0;
         for jn in j0..j1 {
             let mut i = 0;
-            while i < rows.len() {
+            while i < rows.m {
                 // chunks of 8, then 4, 2, 1 rows
                 let r = [8, 4, 2, 1]
                     .into_iter()
-                    .find(|&c| c <= rows.len() - i)
+                    .find(|&c| c <= rows.m - i)
                     .unwrap_or(1);
                 // SAFETY: as this function's contract; rows i..i + r exist.
                 let v = unsafe {
                     match r {
-                        8 => row_dots::<8>(w, jn, &rows[i..i + 8]),
-                        4 => pad(row_dots::<4>(w, jn, &rows[i..i + 4])),
-                        2 => pad(row_dots::<2>(w, jn, &rows[i..i + 2])),
-                        _ => pad(row_dots::<1>(w, jn, &rows[i..i + 1])),
+                        8 => row_dots::<8>(w, jn, rows, i),
+                        4 => pad(row_dots::<4>(w, jn, rows, i)),
+                        2 => pad(row_dots::<2>(w, jn, rows, i)),
+                        _ => pad(row_dots::<1>(w, jn, rows, i)),
                     }
                 };
                 for q in 0..r {
@@ -670,12 +695,17 @@ mod avx512 {
     /// # Safety
     /// As [`band`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn row_dots<const N: usize>(w: &QuantMatrix, jn: usize, rows: &[Prepared]) -> [f32; N] {
+    unsafe fn row_dots<const N: usize>(
+        w: &QuantMatrix,
+        jn: usize,
+        rows: &Prepared,
+        i0: usize,
+    ) -> [f32; N] {
         // SAFETY: as this function's contract.
         unsafe {
             match w.format {
-                QuantFormat::Q8 => row_dots_q8::<N>(w, jn, rows),
-                QuantFormat::Q4 => row_dots_q4::<N>(w, jn, rows),
+                QuantFormat::Q8 => row_dots_q8::<N>(w, jn, rows, i0),
+                QuantFormat::Q4 => row_dots_q4::<N>(w, jn, rows, i0),
             }
         }
     }
@@ -684,16 +714,17 @@ mod avx512 {
     unsafe fn row_dots_q8<const N: usize>(
         w: &QuantMatrix,
         jn: usize,
-        rows: &[Prepared],
+        rows: &Prepared,
+        i0: usize,
     ) -> [f32; N] {
         let (k, groups) = (w.k, w.groups());
-        let blocks = rows[0].blocks;
+        let blocks = rows.blocks;
         let data = w.data().as_ptr();
         let scales = w.scales().as_ptr().cast::<u16>();
         let srow = jn * groups;
         // SAFETY: loads stay inside the weight row (k bytes for q8, groups * 16 for q4; the
         // last block masked), inside its scales (a short last block reads only its groups')
-        // and inside each prepared row (`blocks` blocks of activations, starts and scales).
+        // and inside the prepared rows (entries of rows i0..i0 + N, 64-byte aligned).
         unsafe {
             let mut acc = [_mm512_setzero_ps(); N];
             let flip = _mm512_set1_epi8(-128);
@@ -721,15 +752,14 @@ mod avx512 {
                     idx,
                     _mm512_cvtph_ps(_mm256_set1_epi32((s0 | (s1 << 16)) as i32)),
                 );
+                let base = rows.at(b, i0);
                 for (q, a) in acc.iter_mut().enumerate() {
-                    let r = &rows[q];
-                    let xv = _mm512_loadu_si512(r.x.as_ptr().add(b * 64).cast());
-                    let st = _mm512_loadu_si512(r.start.as_ptr().add(b * 16).cast());
+                    let e = base.add(q * 192);
+                    let xv = _mm512_load_si512(e.cast());
+                    let st = _mm512_load_si512(e.add(64).cast());
                     let dot = _mm512_dpbusd_epi32(st, wv, xv);
-                    let t = _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(dot),
-                        _mm512_loadu_ps(r.sx.as_ptr().add(b * 16)),
-                    );
+                    let t =
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(e.add(128).cast()));
                     *a = _mm512_fmadd_ps(t, sw, *a);
                 }
             }
@@ -741,19 +771,17 @@ mod avx512 {
     unsafe fn row_dots_q4<const N: usize>(
         w: &QuantMatrix,
         jn: usize,
-        rows: &[Prepared],
+        rows: &Prepared,
+        i0: usize,
     ) -> [f32; N] {
         let groups = w.groups();
-        let blocks = rows[0].blocks;
+        let blocks = rows.blocks;
         let data = w.data().as_ptr();
         let scales = w.scales().as_ptr().cast::<u16>();
         let srow = jn * groups;
-        let xs: [*const i8; N] = std::array::from_fn(|q| rows[q].x.as_ptr());
-        let sts: [*const i32; N] = std::array::from_fn(|q| rows[q].start.as_ptr());
-        let sxs: [*const f32; N] = std::array::from_fn(|q| rows[q].sx.as_ptr());
         // SAFETY: loads stay inside the weight row (k bytes for q8, groups * 16 for q4; the
         // last block masked), inside its scales (a short last block reads only its groups')
-        // and inside each prepared row (`blocks` blocks of activations, starts and scales).
+        // and inside the prepared rows (entries of rows i0..i0 + N, 64-byte aligned).
         unsafe {
             let mut acc = [_mm512_setzero_ps(); N];
             let low = _mm512_set1_epi8(0x0F);
@@ -782,14 +810,15 @@ mod avx512 {
                     let four = _mm_loadl_epi64(h.as_ptr().cast());
                     _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(_mm256_broadcastq_epi64(four)))
                 };
-                for q in 0..N {
-                    let xp = xs[q].add(b * 128);
-                    let st = _mm512_loadu_si512(sts[q].add(b * 16).cast());
-                    let dot = _mm512_dpbusd_epi32(st, lo, _mm512_loadu_si512(xp.cast()));
-                    let dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xp.add(64).cast()));
+                let base = rows.at(b, i0);
+                for (q, a) in acc.iter_mut().enumerate() {
+                    let e = base.add(q * 256);
+                    let st = _mm512_load_si512(e.add(128).cast());
+                    let dot = _mm512_dpbusd_epi32(st, lo, _mm512_load_si512(e.cast()));
+                    let dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(e.add(64).cast()));
                     let t =
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(sxs[q].add(b * 16)));
-                    acc[q] = _mm512_fmadd_ps(t, sw, acc[q]);
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(e.add(192).cast()));
+                    *a = _mm512_fmadd_ps(t, sw, *a);
                 }
             }
             std::array::from_fn(|q| _mm512_reduce_add_ps(acc[q]))
