@@ -658,28 +658,49 @@ mod avx512 {
         d: &mut [f32],
     ) {
         let nb = j1 - j0;
-        for jn in j0..j1 {
+        let mut jn = j0;
+        while jn < j1 {
+            // four weight rows at a time when there are rows enough to share them (prefill)
+            let quad = rows.m >= R && jn + 3 < j1;
             let mut i = 0;
             while i < rows.m {
-                // chunks of 8, then 4, 2, 1 rows
-                let r = [8, 4, 2, 1]
-                    .into_iter()
-                    .find(|&c| c <= rows.m - i)
-                    .unwrap_or(1);
-                // SAFETY: as this function's contract; rows i..i + r exist.
-                let v = unsafe {
-                    match r {
-                        8 => row_dots::<8>(w, jn, rows, i),
-                        4 => pad(row_dots::<4>(w, jn, rows, i)),
-                        2 => pad(row_dots::<2>(w, jn, rows, i)),
-                        _ => pad(row_dots::<1>(w, jn, rows, i)),
-                    }
+                let four = quad && rows.m - i >= 4;
+                // chunks of 8, then 4, 2, 1 rows (4 against 4 weight rows)
+                let r = if four {
+                    4
+                } else {
+                    [8, 4, 2, 1]
+                        .into_iter()
+                        .find(|&c| c <= rows.m - i)
+                        .unwrap_or(1)
                 };
-                for q in 0..r {
-                    d[(i + q) * nb + jn - j0] = v[q];
+                // SAFETY: as this function's contract; rows i..i + r and weight rows
+                // jn..jn + 1 + 3 * quad exist.
+                unsafe {
+                    if four {
+                        let v = row_dots::<4, 4>(w, jn, rows, i);
+                        for (o, vr) in v.iter().enumerate() {
+                            for q in 0..r {
+                                d[(i + q) * nb + jn + o - j0] = vr[q];
+                            }
+                        }
+                    } else {
+                        for o in 0..1 + 3 * usize::from(quad) {
+                            let v = match r {
+                                8 => row_dots::<1, 8>(w, jn + o, rows, i)[0],
+                                4 => pad(row_dots::<1, 4>(w, jn + o, rows, i)[0]),
+                                2 => pad(row_dots::<1, 2>(w, jn + o, rows, i)[0]),
+                                _ => pad(row_dots::<1, 1>(w, jn + o, rows, i)[0]),
+                            };
+                            for q in 0..r {
+                                d[(i + q) * nb + jn + o - j0] = v[q];
+                            }
+                        }
+                    }
                 }
                 i += r;
             }
+            jn += 1 + 3 * usize::from(quad);
         }
     }
 
@@ -689,139 +710,156 @@ mod avx512 {
         o
     }
 
-    /// Weight row `jn` against `N` prepared rows: each weight vector is loaded and made
-    /// unsigned once, then multiplied with every row.
+    /// Weight rows `jn..jn + W` against the `N` prepared rows from `i0`: each weight vector
+    /// is loaded and made unsigned once for all `N` rows, and each activation entry loaded once
+    /// for all `W` weight rows (prefill runs W = 4, N = 4; decode W = 1).
     ///
     /// # Safety
-    /// As [`band`].
+    /// As [`band`]; weight rows `jn..jn + W` and prepared rows `i0..i0 + N` exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn row_dots<const N: usize>(
+    unsafe fn row_dots<const W: usize, const N: usize>(
         w: &QuantMatrix,
         jn: usize,
         rows: &Prepared,
         i0: usize,
-    ) -> [f32; N] {
+    ) -> [[f32; N]; W] {
         // SAFETY: as this function's contract.
         unsafe {
             match w.format {
-                QuantFormat::Q8 => row_dots_q8::<N>(w, jn, rows, i0),
-                QuantFormat::Q4 => row_dots_q4::<N>(w, jn, rows, i0),
+                QuantFormat::Q8 => row_dots_q8::<W, N>(w, jn, rows, i0),
+                QuantFormat::Q4 => row_dots_q4::<W, N>(w, jn, rows, i0),
             }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn row_dots_q8<const N: usize>(
+    #[allow(clippy::needless_range_loop)] // q indexes the accumulators of every weight row
+    unsafe fn row_dots_q8<const W: usize, const N: usize>(
         w: &QuantMatrix,
         jn: usize,
         rows: &Prepared,
         i0: usize,
-    ) -> [f32; N] {
+    ) -> [[f32; N]; W] {
         let (k, groups) = (w.k, w.groups());
         let blocks = rows.blocks;
         let data = w.data().as_ptr();
         let scales = w.scales().as_ptr().cast::<u16>();
-        let srow = jn * groups;
-        // SAFETY: loads stay inside the weight row (k bytes for q8, groups * 16 for q4; the
-        // last block masked), inside its scales (a short last block reads only its groups')
-        // and inside the prepared rows (entries of rows i0..i0 + N, 64-byte aligned).
+        // SAFETY: loads stay inside the weight rows (k bytes each, the last block masked),
+        // inside their scales and inside the prepared rows (entries of rows i0..i0 + N,
+        // 64-byte aligned).
         unsafe {
-            let mut acc = [_mm512_setzero_ps(); N];
+            let mut acc = [[_mm512_setzero_ps(); N]; W];
             let flip = _mm512_set1_epi8(-128);
             let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-            let row = data.add(jn * k);
             for b in 0..blocks {
                 let g = 2 * b;
                 let left = k - g * GROUP;
-                let at = row.add(g * GROUP);
-                // one stream per core does not keep the memory busy on its own
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH).cast());
-                let v = if left >= 64 {
-                    _mm512_loadu_si512(at.cast())
-                } else {
-                    _mm512_maskz_loadu_epi8((1u64 << left) - 1, at.cast())
-                };
-                let wv = _mm512_xor_si512(v, flip);
-                let s0 = u32::from(*scales.add(srow + g));
-                let s1 = if g + 1 < groups {
-                    u32::from(*scales.add(srow + g + 1))
-                } else {
-                    0
-                };
-                let sw = _mm512_permutexvar_ps(
-                    idx,
-                    _mm512_cvtph_ps(_mm256_set1_epi32((s0 | (s1 << 16)) as i32)),
-                );
+                let mut wv = [_mm512_setzero_si512(); W];
+                let mut sw = [_mm512_setzero_ps(); W];
+                for r in 0..W {
+                    let at = data.add((jn + r) * k + g * GROUP);
+                    // one stream per core does not keep the memory busy on its own
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH).cast());
+                    let v = if left >= 64 {
+                        _mm512_loadu_si512(at.cast())
+                    } else {
+                        _mm512_maskz_loadu_epi8((1u64 << left) - 1, at.cast())
+                    };
+                    wv[r] = _mm512_xor_si512(v, flip);
+                    let srow = (jn + r) * groups;
+                    let s0 = u32::from(*scales.add(srow + g));
+                    let s1 = if g + 1 < groups {
+                        u32::from(*scales.add(srow + g + 1))
+                    } else {
+                        0
+                    };
+                    sw[r] = _mm512_permutexvar_ps(
+                        idx,
+                        _mm512_cvtph_ps(_mm256_set1_epi32((s0 | (s1 << 16)) as i32)),
+                    );
+                }
                 let base = rows.at(b, i0);
-                for (q, a) in acc.iter_mut().enumerate() {
+                for q in 0..N {
                     let e = base.add(q * 192);
                     let xv = _mm512_load_si512(e.cast());
                     let st = _mm512_load_si512(e.add(64).cast());
-                    let dot = _mm512_dpbusd_epi32(st, wv, xv);
-                    let t =
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(e.add(128).cast()));
-                    *a = _mm512_fmadd_ps(t, sw, *a);
+                    let sx = _mm512_load_ps(e.add(128).cast());
+                    for r in 0..W {
+                        let dot = _mm512_dpbusd_epi32(st, wv[r], xv);
+                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx);
+                        acc[r][q] = _mm512_fmadd_ps(t, sw[r], acc[r][q]);
+                    }
                 }
             }
-            std::array::from_fn(|q| _mm512_reduce_add_ps(acc[q]))
+            std::array::from_fn(|r| std::array::from_fn(|q| _mm512_reduce_add_ps(acc[r][q])))
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn row_dots_q4<const N: usize>(
+    #[allow(clippy::needless_range_loop)] // q indexes the accumulators of every weight row
+    unsafe fn row_dots_q4<const W: usize, const N: usize>(
         w: &QuantMatrix,
         jn: usize,
         rows: &Prepared,
         i0: usize,
-    ) -> [f32; N] {
+    ) -> [[f32; N]; W] {
         let groups = w.groups();
         let blocks = rows.blocks;
         let data = w.data().as_ptr();
         let scales = w.scales().as_ptr().cast::<u16>();
-        let srow = jn * groups;
-        // SAFETY: loads stay inside the weight row (k bytes for q8, groups * 16 for q4; the
-        // last block masked), inside its scales (a short last block reads only its groups')
-        // and inside the prepared rows (entries of rows i0..i0 + N, 64-byte aligned).
+        // SAFETY: loads stay inside the weight rows (groups * 16 bytes each, a short last
+        // block masked), inside their scales (a short last block reads only its groups') and
+        // inside the prepared rows (entries of rows i0..i0 + N, 64-byte aligned).
         unsafe {
-            let mut acc = [_mm512_setzero_ps(); N];
+            let mut acc = [[_mm512_setzero_ps(); N]; W];
             let low = _mm512_set1_epi8(0x0F);
             let idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-            let row = data.add(srow * GROUP / 2);
             for b in 0..blocks {
                 let g = 4 * b;
                 let here = (groups - g).min(4);
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(g * GROUP / 2 + PREFETCH).cast());
-                let wv = if here == 4 {
-                    _mm512_loadu_si512(row.add(g * GROUP / 2).cast())
-                } else {
-                    let mk: __mmask64 = (1u64 << (here * 16)) - 1;
-                    _mm512_maskz_loadu_epi8(mk, row.add(g * GROUP / 2).cast())
-                };
-                let lo = _mm512_and_si512(wv, low);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), low);
-                let sw = if here == 4 {
-                    let four = _mm_loadl_epi64(scales.add(srow + g).cast());
-                    _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(_mm256_broadcastq_epi64(four)))
-                } else {
-                    let mut h = [0u16; 4];
-                    for (t, v) in h.iter_mut().enumerate().take(here) {
-                        *v = *scales.add(srow + g + t);
-                    }
-                    let four = _mm_loadl_epi64(h.as_ptr().cast());
-                    _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(_mm256_broadcastq_epi64(four)))
-                };
+                let mut lo = [_mm512_setzero_si512(); W];
+                let mut hi = [_mm512_setzero_si512(); W];
+                let mut sw = [_mm512_setzero_ps(); W];
+                for r in 0..W {
+                    let srow = (jn + r) * groups;
+                    let at = data.add((srow + g) * GROUP / 2);
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH).cast());
+                    let wv = if here == 4 {
+                        _mm512_loadu_si512(at.cast())
+                    } else {
+                        let mk: __mmask64 = (1u64 << (here * 16)) - 1;
+                        _mm512_maskz_loadu_epi8(mk, at.cast())
+                    };
+                    lo[r] = _mm512_and_si512(wv, low);
+                    hi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), low);
+                    let four = if here == 4 {
+                        _mm_loadl_epi64(scales.add(srow + g).cast())
+                    } else {
+                        let mut h = [0u16; 4];
+                        for (t, v) in h.iter_mut().enumerate().take(here) {
+                            *v = *scales.add(srow + g + t);
+                        }
+                        _mm_loadl_epi64(h.as_ptr().cast())
+                    };
+                    sw[r] =
+                        _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(_mm256_broadcastq_epi64(four)));
+                }
                 let base = rows.at(b, i0);
-                for (q, a) in acc.iter_mut().enumerate() {
+                for q in 0..N {
                     let e = base.add(q * 256);
+                    let xl = _mm512_load_si512(e.cast());
+                    let xh = _mm512_load_si512(e.add(64).cast());
                     let st = _mm512_load_si512(e.add(128).cast());
-                    let dot = _mm512_dpbusd_epi32(st, lo, _mm512_load_si512(e.cast()));
-                    let dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(e.add(64).cast()));
-                    let t =
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(e.add(192).cast()));
-                    *a = _mm512_fmadd_ps(t, sw, *a);
+                    let sx = _mm512_load_ps(e.add(192).cast());
+                    for r in 0..W {
+                        let dot = _mm512_dpbusd_epi32(st, lo[r], xl);
+                        let dot = _mm512_dpbusd_epi32(dot, hi[r], xh);
+                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx);
+                        acc[r][q] = _mm512_fmadd_ps(t, sw[r], acc[r][q]);
+                    }
                 }
             }
-            std::array::from_fn(|q| _mm512_reduce_add_ps(acc[q]))
+            std::array::from_fn(|r| std::array::from_fn(|q| _mm512_reduce_add_ps(acc[r][q])))
         }
     }
 }
