@@ -1,35 +1,14 @@
 //! `mgm forward` as a user runs it: outputs that match the fixture, and bad input that exits
 //! non-zero with one `error:` line on stderr and writes nothing.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{assert_one_error_line, fixture, mgm};
 
 use mgm_tensor::{DType, Device, Tensor};
-
-fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(case)
-}
-
-fn mgm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mgm"))
-        .args(args)
-        .output()
-        .expect("run the mgm binary")
-}
-
-/// Asserts failure with exactly one stderr line starting `error:` and containing every `needle`.
-fn assert_one_error_line(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "stderr should be one line: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "`{n}` not in: {err}");
-    }
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

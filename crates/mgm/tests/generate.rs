@@ -2,23 +2,14 @@
 //! transformers fixtures: greedy ids equal to `generate(do_sample=False)`, quantized logits
 //! within the bounds of transformers' f32 logits, and one-line errors for bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{assert_one_error_line, fixture, mgm};
 
 use mgm_tensor::{DType, Tensor};
-
-fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(case)
-}
-
-fn mgm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mgm"))
-        .args(args)
-        .output()
-        .expect("run the mgm binary")
-}
 
 fn ok(out: Output) -> String {
     assert!(
@@ -27,18 +18,6 @@ fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Exactly one stderr line, `error: ...`, containing every needle.
-fn one_error_line(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "stderr should be one line: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "`{n}` not in: {err}");
-    }
 }
 
 fn i64s(t: &Tensor) -> Vec<i64> {
@@ -167,7 +146,7 @@ fn bad_quant_requests_are_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected q8 or q4"));
 
     let clip = fixture("clip_quick_gelu");
-    one_error_line(
+    assert_one_error_line(
         &mgm(&[
             "forward",
             "--model",
@@ -184,12 +163,12 @@ fn bad_quant_requests_are_errors() {
     ok(mgm(&[
         "quantize", "--model", t, "--quant", "q8", "--output", q8s,
     ]));
-    one_error_line(
+    assert_one_error_line(
         &mgm(&["quantize", "--model", q8s, "--quant", "q4", "--output", q8s]),
         &["--output", "model directory"],
     );
     let q4 = tmp.path().join("q4");
-    one_error_line(
+    assert_one_error_line(
         &mgm(&[
             "quantize",
             "--model",
@@ -201,7 +180,7 @@ fn bad_quant_requests_are_errors() {
         ]),
         &["quantized to q8", "q4"],
     );
-    one_error_line(
+    assert_one_error_line(
         &mgm(&[
             "generate",
             "--model",
@@ -214,7 +193,7 @@ fn bad_quant_requests_are_errors() {
         &["quantized to q8"],
     );
     // no tokenizer in the fixture: --prompt needs one
-    one_error_line(
+    assert_one_error_line(
         &mgm(&["generate", "--model", t, "--prompt", "The cat"]),
         &["tokenizer.json"],
     );

@@ -49,18 +49,7 @@ pub fn gemv(x: MatRef<'_>, w: MatRef<'_>, c: MatMut<'_>, epi: &Epilogue<'_>) -> 
         );
         // SAFETY: the output block rows 0..m, columns j0..j1 is this task's alone (bands are
         // disjoint) and inside the output (`check` matched it with the MatMut).
-        unsafe {
-            for i in 0..m {
-                let row = std::slice::from_raw_parts_mut(out.get().add(i * ldc + j0), nb);
-                let d = &dots[i * nb..(i + 1) * nb];
-                if epi.accumulate {
-                    row.iter_mut().zip(d).for_each(|(o, &v)| *o += v);
-                } else {
-                    row.copy_from_slice(d);
-                }
-            }
-            finish_tile(out.get().add(j0), ldc, 0, j0, m, nb, epi);
-        }
+        unsafe { store_band(out.get(), ldc, j0, nb, &dots[..m * nb], epi) };
     };
     if n * k * m >= 1 << 16 {
         (0..n)
@@ -72,6 +61,35 @@ pub fn gemv(x: MatRef<'_>, w: MatRef<'_>, c: MatMut<'_>, epi: &Epilogue<'_>) -> 
         (0..n).step_by(BAND).for_each(band);
     }
     Ok(())
+}
+
+/// Writes (or with `epi.accumulate` adds) `dots` (`m x nb`, row-major) to output columns
+/// `j0..j0 + nb` of every row and applies the rest of the epilogue there.
+///
+/// # Safety
+/// `out` with row stride `ldc` has those `m = dots.len() / nb` rows and columns, and no other
+/// thread touches them.
+unsafe fn store_band(
+    out: *mut f32,
+    ldc: usize,
+    j0: usize,
+    nb: usize,
+    dots: &[f32],
+    epi: &Epilogue<'_>,
+) {
+    let m = dots.len() / nb.max(1);
+    // SAFETY: the function's contract.
+    unsafe {
+        for (i, d) in dots.chunks_exact(nb.max(1)).enumerate() {
+            let row = std::slice::from_raw_parts_mut(out.add(i * ldc + j0), nb);
+            if epi.accumulate {
+                row.iter_mut().zip(d).for_each(|(o, &v)| *o += v);
+            } else {
+                row.copy_from_slice(d);
+            }
+        }
+        finish_tile(out.add(j0), ldc, 0, j0, m, nb, epi);
+    }
 }
 
 /// Dot products of every row of `x` with rows `j0..j1` of `w`, into `dots[i * (j1 - j0) + j]`.
@@ -141,18 +159,7 @@ pub fn gemm_nt(x: MatRef<'_>, w: MatRef<'_>, c: MatMut<'_>, epi: &Epilogue<'_>) 
             // and k elements.
             unsafe { tiles::band(x, w, j0, j1, &mut dots) };
             // SAFETY: as in gemv: the block rows 0..m, columns j0..j1 is this task's alone.
-            unsafe {
-                for i in 0..m {
-                    let row = std::slice::from_raw_parts_mut(out.get().add(i * ldc + j0), nb);
-                    let d = &dots[i * nb..(i + 1) * nb];
-                    if epi.accumulate {
-                        row.iter_mut().zip(d).for_each(|(o, &v)| *o += v);
-                    } else {
-                        row.copy_from_slice(d);
-                    }
-                }
-                finish_tile(out.get().add(j0), ldc, 0, j0, m, nb, epi);
-            }
+            unsafe { store_band(out.get(), ldc, j0, nb, &dots, epi) };
         };
         (0..n)
             .step_by(NT_BAND)
