@@ -13,11 +13,25 @@ pub mod llm;
 pub mod tensor_composite;
 pub mod vision;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The committed fixtures directory (`tests/fixtures`).
 pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The model fixture directories under `fixtures` whose name starts with one of `prefixes`
+/// and that hold a config.json, sorted.
+pub fn model_dirs(fixtures: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.retain(|p| {
+        let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        prefixes.iter().any(|pre| n.starts_with(pre)) && p.join("config.json").exists()
+    });
+    v.sort();
+    v
 }
 
 /// One compared quantity: its name, the worst error and the tolerance it must meet.

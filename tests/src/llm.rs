@@ -15,15 +15,7 @@ pub const F32_TOL: f64 = 1e-4;
 
 /// The LLM fixture directories (`llm_*`), sorted.
 pub fn cases(fixtures: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    v.retain(|p| {
-        let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        n.starts_with("llm_") && p.join("config.json").exists()
-    });
-    v.sort();
-    v
+    crate::model_dirs(fixtures, &["llm_"])
 }
 
 type Tensors = HashMap<String, Tensor>;

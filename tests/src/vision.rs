@@ -15,15 +15,7 @@ pub const BF16_TOL: f64 = 1e-2;
 
 /// The model fixture directories (`clip_*`, `convnext_*`), sorted.
 pub fn cases(fixtures: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    v.retain(|p| {
-        let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        (n.starts_with("clip_") || n.starts_with("convnext_")) && p.join("config.json").exists()
-    });
-    v.sort();
-    v
+    crate::model_dirs(fixtures, &["clip_", "convnext_"])
 }
 
 /// Runs one case in f32 (max abs diff per output) and bf16 (relative Frobenius per output).

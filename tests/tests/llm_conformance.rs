@@ -8,9 +8,9 @@ use mgm_tests::{fixtures_dir, llm};
 fn every_llm_fixture_matches_transformers() {
     let cases = llm::cases(&fixtures_dir());
     assert!(
-        cases.len() >= 6,
+        cases.len() >= 7,
         "expected the llm_* fixtures (llama, llama_v4config, llama_dynamic, gemma, mixtral, \
-         mistral), found {cases:?}"
+         mistral, llama_trained), found {cases:?}"
     );
     let mut failures = Vec::new();
     let mut table = String::new();
