@@ -454,25 +454,8 @@ fn run(
     } else {
         bands.iter().map(band).collect()
     };
-    for (bi, &j0) in bands.iter().enumerate() {
-        let nb = (j0 + band_rows).min(n) - j0;
-        for i in 0..m {
-            for q in 0..nb {
-                let jn = j0 + q;
-                let mut v = dots[bi][i * nb + q];
-                if epi.accumulate {
-                    v += c.get(i, jn);
-                }
-                if let Some(b) = epi.bias {
-                    v += b[jn];
-                }
-                let mut y = epi.activation.apply(v);
-                if let Some(r) = &epi.residual {
-                    y += r.get(i, jn);
-                }
-                c.set(i, jn, y);
-            }
-        }
+    for (&j0, d) in bands.iter().zip(&dots) {
+        c.store_band(j0, (j0 + band_rows).min(n) - j0, d, epi);
     }
     Ok(())
 }
@@ -573,7 +556,13 @@ mod avx512 {
                 QuantFormat::Q8 => 128,
                 QuantFormat::Q4 => 8,
             };
-            let mut bytes = vec![0u8; blocks * m * stride];
+            // 64-byte aligned storage (stride is a multiple of 64), filled as bytes
+            let mut buf = vec![_mm512_setzero_si512_portable(); blocks * m * stride / 64];
+            // SAFETY: the vectors are plain bytes with no invalid bit patterns; the slice
+            // covers exactly the vector buffer and is the only view of it while it lives.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), blocks * m * stride)
+            };
             for (ri, r) in rows.iter().enumerate() {
                 for b in 0..blocks {
                     let e = &mut bytes[(b * m + ri) * stride..(b * m + ri + 1) * stride];
@@ -607,16 +596,6 @@ mod avx512 {
                     }
                 }
             }
-            // copied into 64-byte aligned storage
-            let mut buf = vec![_mm512_setzero_si512_portable(); bytes.len() / 64];
-            // SAFETY: `buf` holds exactly bytes.len() bytes (stride and xb are multiples of 64).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    buf.as_mut_ptr().cast::<u8>(),
-                    bytes.len(),
-                )
-            };
             Prepared {
                 buf,
                 m,

@@ -69,7 +69,7 @@ pub fn gemv(x: MatRef<'_>, w: MatRef<'_>, c: MatMut<'_>, epi: &Epilogue<'_>) -> 
 /// # Safety
 /// `out` with row stride `ldc` has those `m = dots.len() / nb` rows and columns, and no other
 /// thread touches them.
-unsafe fn store_band(
+pub(super) unsafe fn store_band(
     out: *mut f32,
     ldc: usize,
     j0: usize,

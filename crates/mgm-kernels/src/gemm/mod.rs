@@ -253,6 +253,18 @@ impl<'a> MatMut<'a> {
         *self.slot(i, j) = v;
     }
 
+    /// Stores `dots` (every row's values for columns `j0..j0 + nb`, row-major) through the
+    /// epilogue, as the GEMV paths do: for kernels outside this module that compute whole
+    /// column bands.
+    pub(crate) fn store_band(&mut self, j0: usize, nb: usize, dots: &[f32], epi: &Epilogue<'_>) {
+        assert!(
+            nb > 0 && j0 + nb <= self.cols && dots.len() == self.rows * nb,
+            "band inside the output"
+        );
+        // SAFETY: the band lies inside this exclusive output (asserted above).
+        unsafe { gemv::store_band(self.ptr, self.rs, j0, nb, dots, epi) };
+    }
+
     /// Element `(i, j)` for the reference; `i < rows`, `j < cols`.
     fn slot(&mut self, i: usize, j: usize) -> &mut f32 {
         assert!(i < self.rows && j < self.cols, "output index in range");
