@@ -12,12 +12,15 @@
 //!   values per byte (value `j` in the low nibble of byte `j`, value `j + 16` in the high
 //!   nibble), 16 bytes per group (4.5 bits per weight).
 //!
-//! Activations multiply on integers like llama.cpp, in decode and prefill alike: each row is
-//! quantized to int8 in blocks of 32 (`s_x = max|x| / 127`), every block's integer dot product
-//! runs on AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per instruction; a portable loop
-//! elsewhere) and is scaled by `s_x s_w` in f32. The weights are read in place (a mapped file
-//! works), once per call: each weight vector is loaded and unpacked once for up to four
-//! activation rows.
+//! Activations multiply on integers like llama.cpp (q8 below [`gemm::PACK_ROWS`] rows, q4
+//! always): each row is quantized to int8 in blocks of 32 (`s_x = max|x| / 127`), every
+//! block's integer dot product runs on AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per
+//! instruction; a portable loop elsewhere) and is scaled by `s_x s_w` in f32. The weights are
+//! read in place (a mapped file works), once per call: each weight vector is loaded and
+//! unpacked once for up to four activation rows. A q8 prefill (from [`gemm::PACK_ROWS`] rows
+//! on) is compute-bound, and there the f32 FMA GEMM beats the integer one: each task
+//! dequantizes a chunk of weight rows exactly and packs it for the microkernel, and the
+//! activations stay f32 (which also drops their quantization error).
 //!
 //! [`reference`] computes the same math in f64 (weights and activations dequantized exactly as
 //! the kernel quantizes them), so the tests can hold the fast paths to f32 accuracy; the error
@@ -40,7 +43,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::gemm::{Epilogue, MatMut, MatRef};
+use crate::gemm::{self, Epilogue, MatMut, MatRef, RhsPanels};
+use crate::simd::{simd_call, simd_level, simd_variants};
 
 const KERNEL: &str = "quant";
 /// Values per Q4 group and per activation block.
@@ -343,7 +347,8 @@ fn check(
 }
 
 /// The f64 reference: `X W^T` with `W` dequantized and `X` quantized in blocks of 32 exactly
-/// as [`cpu`] does; epilogue in f64.
+/// as [`cpu`] does (unquantized where [`cpu`] takes its f32 prefill path: q8 from
+/// [`gemm::PACK_ROWS`] rows on); epilogue in f64.
 pub fn reference(
     x: MatRef<'_>,
     w: &QuantMatrix,
@@ -354,6 +359,9 @@ pub fn reference(
     let xs: Vec<Vec<f64>> = (0..m)
         .map(|i| {
             let row: Vec<f32> = (0..k).map(|j| x.get(i, j)).collect();
+            if f32_prefill(m, w.format) {
+                return row.into_iter().map(f64::from).collect();
+            }
             let qr = quantize_row(&row);
             (0..k)
                 .map(|j| f64::from(qr.q[j]) * f64::from(qr.s[j / GROUP]))
@@ -418,6 +426,23 @@ fn run(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if f32_prefill(m, w.format) {
+        // prefill: f32 activations times the weight dequantized a chunk at a time
+        let simd = simd_level();
+        gemm::nt_chunked(x, n, c, epi, vnni, |j0, nb| {
+            DEQUANT.with_borrow_mut(|buf| {
+                buf.resize(nb * k, 0.0);
+                simd_call!(
+                    simd,
+                    dequantize_rows,
+                    dequantize_rows_avx2,
+                    dequantize_rows_avx512(w, j0, nb, &mut buf[..])
+                );
+                RhsPanels::pack_rows(MatRef::row_major(&buf[..], nb, k).expect("nb * k elements"))
+            })
+        });
+        return Ok(());
+    }
     let rows: Vec<QuantRow> = (0..m)
         .into_par_iter()
         .map(|i| quantize_row(&(0..k).map(|j| x.get(i, j)).collect::<Vec<_>>()))
@@ -459,6 +484,54 @@ fn run(
     }
     Ok(())
 }
+
+/// Whether `m` rows of activations against a `format` weight take the f32 prefill path: q8
+/// from [`gemm::PACK_ROWS`] rows on. q4 stays on integers, whose kernel unpacks half the
+/// weight bytes per multiply-add and measured faster than dequantizing (TinyLlama's shapes,
+/// a 128-token prompt: 105 against 97 tokens/s; q8 75 against 97).
+fn f32_prefill(m: usize, format: QuantFormat) -> bool {
+    format == QuantFormat::Q8 && m >= gemm::PACK_ROWS
+}
+
+thread_local! {
+    /// A task's dequantized rows of `W` before they are packed.
+    static DEQUANT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Rows `j0..j0 + nb` of `w` as f32 (exactly [`QuantMatrix::value`]), row-major into `out`.
+#[inline(always)]
+fn dequantize_rows(w: &QuantMatrix, j0: usize, nb: usize, out: &mut [f32]) {
+    let (k, groups) = (w.k, w.groups());
+    let data = w.data();
+    for (r, o) in out.chunks_exact_mut(k).take(nb).enumerate() {
+        let row = j0 + r;
+        for (g, og) in o.chunks_mut(GROUP).enumerate() {
+            let s = w.group_scale(row * groups + g);
+            match w.format {
+                QuantFormat::Q8 => {
+                    let q = &data[row * k + g * GROUP..][..og.len()];
+                    for (v, &b) in og.iter_mut().zip(q) {
+                        *v = f32::from(b as i8) * s;
+                    }
+                }
+                QuantFormat::Q4 => {
+                    let q = &data[(row * groups + g) * GROUP / 2..][..GROUP / 2];
+                    let (lo, hi) = og.split_at_mut(og.len().min(GROUP / 2));
+                    for (v, &b) in lo.iter_mut().zip(q) {
+                        *v = f32::from((b & 0x0F) as i8 - 8) * s;
+                    }
+                    for (v, &b) in hi.iter_mut().zip(q) {
+                        *v = f32::from((b >> 4) as i8 - 8) * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+simd_variants!(dequantize_rows => dequantize_rows_avx2, dequantize_rows_avx512(
+    w: &QuantMatrix, j0: usize, nb: usize, out: &mut [f32]
+));
 
 /// Whether the CPU has AVX-512 VNNI and BW (checked once).
 #[cfg(target_arch = "x86_64")]

@@ -1,5 +1,6 @@
-//! quant: the integer paths (the best for this CPU, and the portable one) against the f64
-//! reference of the same quantized math (scaled error <= 1e-5), the quantization error itself
+//! quant: the integer paths (the best for this CPU, and the portable one; and from
+//! `gemm::PACK_ROWS` rows the dequantized f32 prefill path of q8) against the f64 reference of the
+//! same quantized math (scaled error <= 1e-5), the quantization error itself
 //! against the unquantized product (within the formats' bounds), storage round trips, and
 //! argument errors.
 
@@ -44,7 +45,7 @@ proptest! {
 
     #[test]
     fn quant_paths_match_reference(
-        m in prop_oneof![1..=3usize, 7..=9usize, 10..=20usize], k32 in 1..=12usize, extra in 0..32usize,
+        m in prop_oneof![1..=3usize, 7..=9usize, 10..=20usize, 40..=70usize], k32 in 1..=12usize, extra in 0..32usize,
         n in 1..=70usize, q4 in any::<bool>(), bias in any::<bool>(), seed in any::<u64>(),
     ) {
         let format = if q4 { QuantFormat::Q4 } else { QuantFormat::Q8 };

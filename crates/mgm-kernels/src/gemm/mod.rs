@@ -689,7 +689,7 @@ enum RhsRepr {
 
 /// `B` in panels of [`NR`] columns for the FMA microkernels.
 #[derive(Clone, Debug)]
-struct RhsPanels {
+pub(crate) struct RhsPanels {
     k: usize,
     n: usize,
     data: Aligned,
@@ -750,15 +750,42 @@ impl PackedRhs {
 }
 
 impl RhsPanels {
+    /// `B = w^T` for a weight `w` stored `[n, k]` (rows are outputs).
+    pub(crate) fn pack_rows(w: MatRef<'_>) -> RhsPanels {
+        Self::pack(w.t())
+    }
+
     fn pack(b: MatRef<'_>) -> RhsPanels {
         let (k, n) = (b.rows, b.cols);
         let panels = n.div_ceil(NR);
-        let mut data = Aligned::zeroed(panels * NR * k);
+        let gather = simd_level() == Simd::Avx512;
+        // the gather path writes every element (zeros past n), so a recycled buffer will do
+        let mut data = if gather && b.rs == 1 && b.cs != 1 {
+            Aligned::recycled(panels * NR * k)
+        } else {
+            Aligned::zeroed(panels * NR * k)
+        };
         let ptr = SharedPtr(data.as_mut_ptr());
         let pack_panel = |p: usize| {
             let cols = NR.min(n - p * NR);
             let base = p * k * NR;
             // walk the source along its unit stride
+            #[cfg(target_arch = "x86_64")]
+            if b.rs == 1 && b.cs != 1 && gather && b.cs <= (i32::MAX as usize) / NR {
+                // SAFETY: AVX-512F was detected; columns p*NR..p*NR+cols (rows of the stored
+                // [n, k] weight) have k elements each (MatRef::new); panel p is this call's
+                // alone and holds k * NR floats.
+                unsafe {
+                    avx512::pack_rhs_rows(
+                        b.data.as_ptr().add(p * NR * b.cs),
+                        b.cs,
+                        cols,
+                        k,
+                        ptr.get().add(base),
+                    )
+                };
+                return;
+            }
             if b.rs == 1 && b.cs != 1 {
                 for j in 0..cols {
                     for kk in 0..k {
@@ -922,6 +949,75 @@ struct Block {
     p1: usize,
     q0: usize,
     q1: usize,
+}
+
+/// From this many rows of `X` on, [`gemm_nt`] (on AVX-512) and [`crate::quant::cpu`] pack
+/// the weight a chunk at a time and run the FMA microkernel: at 48 rows and more that measured
+/// faster than reading the weight in place (TinyLlama's shapes), at 32 slower.
+pub const PACK_ROWS: usize = 40;
+
+/// Weight rows (output columns) one task of [`nt_chunked`] packs and multiplies: 64 x 2048
+/// floats (512 KB) of packed `B` stay in the task's L2 while every panel of `A` passes.
+pub(crate) const NT_CHUNK: usize = 2 * NR;
+
+/// `C = epilogue(X W^T)` for a weight `w` stored `[n, k]` and read in place (memory-mapped):
+/// [`nt_chunked`] with each chunk of rows packed straight from `w`.
+pub(crate) fn nt_packed(x: MatRef<'_>, w: MatRef<'_>, c: MatMut<'_>, epi: &Epilogue<'_>) {
+    let fast = simd_level() == Simd::Avx512;
+    nt_chunked(x, w.rows, c, epi, fast, |j0, nb| {
+        RhsPanels::pack_rows(MatRef {
+            data: &w.data[j0 * w.rs..],
+            rows: nb,
+            ..w
+        })
+    });
+}
+
+/// `C = epilogue(X W^T)` for a `W` of `n` rows that `pack(j0, nb)` supplies [`NT_CHUNK`]
+/// rows at a time (packed as `B` panels): `X` is packed once, and each rayon task packs its
+/// chunk into a buffer of its own and runs the microkernel over it (AVX-512 when `avx512`),
+/// so `W` is read from memory once and never held whole in packed form. Shapes are checked
+/// by the caller.
+pub(crate) fn nt_chunked<F>(
+    x: MatRef<'_>,
+    n: usize,
+    c: MatMut<'_>,
+    epi: &Epilogue<'_>,
+    avx512: bool,
+    pack: F,
+) where
+    F: Fn(usize, usize) -> RhsPanels + Sync,
+{
+    let m = x.rows;
+    let mut pa = LhsPanels::pack(x, None);
+    let ldc = c.rs;
+    let out = SharedPtr(c.ptr);
+    let task = |j0: usize| {
+        let nb = NT_CHUNK.min(n - j0);
+        fn sub(r: MatRef<'_>, j0: usize, nb: usize) -> MatRef<'_> {
+            MatRef {
+                data: &r.data[j0 * r.cs..],
+                cols: nb,
+                ..r
+            }
+        }
+        let mut pb = pack(j0, nb);
+        let e = Epilogue {
+            bias: epi.bias.map(|b| &b[j0..j0 + nb]),
+            residual: epi.residual.map(|r| sub(r, j0, nb)),
+            ..*epi
+        };
+        // SAFETY: columns j0..j0+nb of the checked m x n output are this task's alone.
+        let cc = unsafe { MatMut::from_raw_parts(out.get().add(j0), m, nb, ldc) };
+        run(&pa, &pb, cc, &e, Parallelism::Serial, avx512).expect("shapes checked by the caller");
+        pb.data.recycle();
+    };
+    (0..n)
+        .step_by(NT_CHUNK)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .for_each(task);
+    pa.data.recycle();
 }
 
 /// Splits `0..count` into `parts` nearly equal ranges.
@@ -1398,6 +1494,48 @@ mod avx512 {
                     src.add(kk).cast(),
                 );
                 _mm512_mask_storeu_ps(dst.add(kk * MR), store, _mm512_mul_ps(v, vsc));
+            }
+        }
+    }
+
+    /// Packs `rows <= NR` rows (`ldb` apart, unit column stride) of `kc` columns, a weight
+    /// stored `[n, k]`, into one `kc x NR` panel of `B` at `dst`, rows past `rows` zero: two
+    /// 16-lane gathers per `k` step, each row read along its cache lines.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `src` has `rows` rows of `kc` readable floats, `ldb` apart
+    /// (`ldb * NR` fits in i32); `dst` has `kc * NR` writable floats.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_rhs_rows(
+        src: *const f32,
+        ldb: usize,
+        rows: usize,
+        kc: usize,
+        dst: *mut f32,
+    ) {
+        let idx: [i32; 16] = std::array::from_fn(|i| (i * ldb) as i32);
+        let live = |h: usize| -> __mmask16 {
+            let r = rows.saturating_sub(16 * h).min(16);
+            ((1u32 << r) - 1) as __mmask16
+        };
+        let (m0, m1) = (live(0), live(1));
+        // SAFETY: lanes past `rows` are masked off (never read); the second half's base is
+        // only offset when some of its rows exist; the stores write NR floats per k step
+        // inside dst's kc * NR.
+        unsafe {
+            let vidx = _mm512_loadu_si512(idx.as_ptr().cast());
+            let hi = if m1 != 0 { src.add(16 * ldb) } else { src };
+            for kk in 0..kc {
+                let v0 = _mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    m0,
+                    vidx,
+                    src.add(kk).cast(),
+                );
+                let v1 =
+                    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m1, vidx, hi.add(kk).cast());
+                _mm512_store_ps(dst.add(kk * NR), v0);
+                _mm512_store_ps(dst.add(kk * NR + 16), v1);
             }
         }
     }
