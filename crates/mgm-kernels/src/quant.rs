@@ -403,8 +403,8 @@ pub fn cpu(x: MatRef<'_>, w: &QuantMatrix, c: MatMut<'_>, epi: &Epilogue<'_>) ->
     run(x, w, c, epi, vnni)
 }
 
-/// [`cpu`] on the portable integer loop, the path of CPUs without AVX-512 VNNI (public so
-/// that tests on any machine cover it).
+/// [`cpu`] on the paths of CPUs without AVX-512 VNNI: the portable integer loop, and for a q8
+/// prefill the non-AVX-512 FMA microkernel (public so that tests on any machine cover them).
 pub fn cpu_portable(
     x: MatRef<'_>,
     w: &QuantMatrix,

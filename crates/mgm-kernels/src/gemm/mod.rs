@@ -590,7 +590,7 @@ impl LhsPanels {
                     // SAFETY: AVX-512F was detected; rows p*MR..p*MR+rows of columns
                     // k0..k0+kc are in bounds (MatRef::new); panel p is this call's alone.
                     unsafe {
-                        avx512::pack_lhs_rows(
+                        avx512::pack_rows_kmajor::<MR>(
                             a.data.as_ptr().add(p * MR * a.rs + k0),
                             a.rs,
                             rows,
@@ -776,11 +776,12 @@ impl RhsPanels {
                 // [n, k] weight) have k elements each (MatRef::new); panel p is this call's
                 // alone and holds k * NR floats.
                 unsafe {
-                    avx512::pack_rhs_rows(
+                    avx512::pack_rows_kmajor::<NR>(
                         b.data.as_ptr().add(p * NR * b.cs),
                         b.cs,
                         cols,
                         k,
+                        &[1.0; NR],
                         ptr.get().add(base),
                     )
                 };
@@ -1457,85 +1458,57 @@ mod avx512 {
         unsafe { super::run_block::<Avx512>(a, b, out, ldc, blk, epi) }
     }
 
-    /// Packs `rows <= MR` rows (`lda` apart, unit column stride) of `kc` columns into one
-    /// `kc x MR` panel at `dst`, row `i` times `scale[i]`, rows past `rows` zero: one 12-lane
-    /// gather per column.
+    /// Packs `rows <= W` rows (`ld` apart, unit column stride) of `kc` columns into one
+    /// `k`-major panel at `dst` (`W` values per `k` step: a [`MR`]-row panel of `A`, or an
+    /// [`NR`]-column panel of `B` from a weight stored `[n, k]`), row `i` times `scale[i]`,
+    /// rows past `rows` zero: one 16-lane gather per 16 rows and `k` step, each row read along
+    /// its cache lines.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `src` has `rows` rows of `kc` readable floats, `lda` apart
-    /// (`lda * MR` fits in i32); `dst` has `kc * MR` writable floats.
+    /// The CPU has AVX-512F; `W <= 32`; `src` has `rows` rows of `kc` readable floats, `ld`
+    /// apart (`ld * W` fits in i32); `dst` has `kc * W` writable floats.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pack_lhs_rows(
+    pub(super) unsafe fn pack_rows_kmajor<const W: usize>(
         src: *const f32,
-        lda: usize,
+        ld: usize,
         rows: usize,
         kc: usize,
-        scale: &[f32; MR],
+        scale: &[f32; W],
         dst: *mut f32,
     ) {
-        let mut idx = [0i32; 16];
-        let mut sc = [0f32; 16];
-        sc[..MR].copy_from_slice(scale);
-        for (i, x) in idx.iter_mut().enumerate().take(rows) {
-            *x = (i * lda) as i32;
-        }
-        let live: __mmask16 = ((1u32 << rows) - 1) as __mmask16;
-        let store: __mmask16 = ((1u32 << MR) - 1) as __mmask16;
-        // SAFETY: lanes past `rows` are masked off (never read); the stores write MR floats
-        // per column inside dst's kc * MR.
-        unsafe {
-            let vidx = _mm512_loadu_si512(idx.as_ptr().cast());
-            let vsc = _mm512_loadu_ps(sc.as_ptr());
-            for kk in 0..kc {
-                let v = _mm512_mask_i32gather_ps::<4>(
-                    _mm512_setzero_ps(),
-                    live,
-                    vidx,
-                    src.add(kk).cast(),
-                );
-                _mm512_mask_storeu_ps(dst.add(kk * MR), store, _mm512_mul_ps(v, vsc));
-            }
-        }
-    }
-
-    /// Packs `rows <= NR` rows (`ldb` apart, unit column stride) of `kc` columns, a weight
-    /// stored `[n, k]`, into one `kc x NR` panel of `B` at `dst`, rows past `rows` zero: two
-    /// 16-lane gathers per `k` step, each row read along its cache lines.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; `src` has `rows` rows of `kc` readable floats, `ldb` apart
-    /// (`ldb * NR` fits in i32); `dst` has `kc * NR` writable floats.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pack_rhs_rows(
-        src: *const f32,
-        ldb: usize,
-        rows: usize,
-        kc: usize,
-        dst: *mut f32,
-    ) {
-        let idx: [i32; 16] = std::array::from_fn(|i| (i * ldb) as i32);
-        let live = |h: usize| -> __mmask16 {
-            let r = rows.saturating_sub(16 * h).min(16);
-            ((1u32 << r) - 1) as __mmask16
+        let halves = W.div_ceil(16);
+        let idx: [i32; 16] = std::array::from_fn(|i| (i * ld) as i32);
+        let lanes = |count: usize, h: usize| -> __mmask16 {
+            ((1u32 << count.saturating_sub(16 * h).min(16)) - 1) as __mmask16
         };
-        let (m0, m1) = (live(0), live(1));
-        // SAFETY: lanes past `rows` are masked off (never read); the second half's base is
-        // only offset when some of its rows exist; the stores write NR floats per k step
-        // inside dst's kc * NR.
+        let live = [lanes(rows, 0), lanes(rows, 1)];
+        let store = [lanes(W, 0), lanes(W, 1)];
+        let mut sc = [1f32; 32];
+        sc[..W].copy_from_slice(scale);
+        // SAFETY: lanes past `rows` are masked off (never read), and a half's base is only
+        // offset when some of its rows exist; the stores write W floats per k step inside
+        // dst's kc * W.
         unsafe {
             let vidx = _mm512_loadu_si512(idx.as_ptr().cast());
-            let hi = if m1 != 0 { src.add(16 * ldb) } else { src };
+            let vsc = [
+                _mm512_loadu_ps(sc.as_ptr()),
+                _mm512_loadu_ps(sc[16..].as_ptr()),
+            ];
+            let base = [src, if live[1] != 0 { src.add(16 * ld) } else { src }];
             for kk in 0..kc {
-                let v0 = _mm512_mask_i32gather_ps::<4>(
-                    _mm512_setzero_ps(),
-                    m0,
-                    vidx,
-                    src.add(kk).cast(),
-                );
-                let v1 =
-                    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m1, vidx, hi.add(kk).cast());
-                _mm512_store_ps(dst.add(kk * NR), v0);
-                _mm512_store_ps(dst.add(kk * NR + 16), v1);
+                for h in 0..halves {
+                    let v = _mm512_mask_i32gather_ps::<4>(
+                        _mm512_setzero_ps(),
+                        live[h],
+                        vidx,
+                        base[h].add(kk).cast(),
+                    );
+                    _mm512_mask_storeu_ps(
+                        dst.add(kk * W + 16 * h),
+                        store[h],
+                        _mm512_mul_ps(v, vsc[h]),
+                    );
+                }
             }
         }
     }
