@@ -114,9 +114,16 @@ impl std::fmt::Debug for QuantMatrix {
     }
 }
 
-/// `round(x)` half away from zero, as `roundf`.
+/// `round(x)` half away from zero, exactly as `roundf`, in a form that compiles to vector
+/// instructions (`x - trunc(x)` is exact) instead of a libm call per value.
+#[inline(always)]
 fn round(x: f32) -> f32 {
-    x.round()
+    let t = x.trunc();
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
 }
 
 impl QuantMatrix {
@@ -238,8 +245,7 @@ impl QuantMatrix {
     /// Group `g`'s scale (groups numbered over the whole matrix, row-major).
     #[inline]
     fn group_scale(&self, g: usize) -> f32 {
-        let b = &self.scales()[g * 2..g * 2 + 2];
-        f16::from_le_bytes([b[0], b[1]]).to_f32()
+        scale_at(self.scales(), g)
     }
 
     /// The format.
@@ -283,13 +289,17 @@ impl QuantMatrix {
         let mut out = vec![0f32; self.n * self.k];
         out.par_chunks_mut(self.k.max(1))
             .enumerate()
-            .for_each(|(i, row)| {
-                for (j, o) in row.iter_mut().enumerate() {
-                    *o = self.value(i, j);
-                }
-            });
+            .for_each(|(i, row)| dequantize_rows(self, i, 1, row));
         out
     }
+}
+
+/// Scale `g` of `[n, groups]` f16 scale bytes. Hot loops take `data()` / `scales()` once and
+/// index them: each of those calls goes through the owner's `AsRef` (for a mapped tensor
+/// several calls deep), which cost 9% of a q4 decode step when made per weight row.
+#[inline(always)]
+fn scale_at(scales: &[u8], g: usize) -> f32 {
+    f16::from_le_bytes([scales[g * 2], scales[g * 2 + 1]]).to_f32()
 }
 
 /// One activation row quantized in blocks of 32: int8 values (`k` padded with zeros to whole
@@ -303,16 +313,38 @@ fn quantize_row(x: &[f32]) -> QuantRow {
     let blocks = x.len().div_ceil(GROUP);
     let mut q = vec![0i8; blocks * GROUP];
     let mut s = vec![0f32; blocks];
-    for (b, chunk) in x.chunks(GROUP).enumerate() {
+    simd_call!(
+        simd_level(),
+        quantize_into,
+        quantize_into_avx2,
+        quantize_into_avx512(x, &mut q, &mut s)
+    );
+    QuantRow { q, s }
+}
+
+#[inline(always)]
+fn quantize_into(x: &[f32], q: &mut [i8], s: &mut [f32]) {
+    for ((chunk, qb), sb) in x.chunks(GROUP).zip(q.chunks_mut(GROUP)).zip(s.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let sc = amax / 127.0;
         let inv = if sc > 0.0 { 1.0 / sc } else { 0.0 };
-        for (j, &v) in chunk.iter().enumerate() {
-            q[b * GROUP + j] = round(v * inv).clamp(-127.0, 127.0) as i8;
+        for (o, &v) in qb.iter_mut().zip(chunk) {
+            *o = round(v * inv).clamp(-127.0, 127.0) as i8;
         }
-        s[b] = sc;
+        *sb = sc;
     }
-    QuantRow { q, s }
+}
+
+simd_variants!(quantize_into => quantize_into_avx2, quantize_into_avx512(
+    x: &[f32], q: &mut [i8], s: &mut [f32]
+));
+
+/// Row `i` of `x` (borrowed when its columns are contiguous).
+fn x_row<'a>(x: &'a MatRef<'_>, i: usize) -> std::borrow::Cow<'a, [f32]> {
+    match x.row_slice(i) {
+        Some(r) => std::borrow::Cow::Borrowed(r),
+        None => std::borrow::Cow::Owned((0..x.cols()).map(|j| x.get(i, j)).collect()),
+    }
 }
 
 /// Checks shapes; returns `(m, k, n)`.
@@ -358,7 +390,7 @@ pub fn reference(
     let (m, k, n) = check(&x, w, &c, epi)?;
     let xs: Vec<Vec<f64>> = (0..m)
         .map(|i| {
-            let row: Vec<f32> = (0..k).map(|j| x.get(i, j)).collect();
+            let row = x_row(&x, i).into_owned();
             if f32_prefill(m, w.format) {
                 return row.into_iter().map(f64::from).collect();
             }
@@ -445,7 +477,7 @@ fn run(
     }
     let rows: Vec<QuantRow> = (0..m)
         .into_par_iter()
-        .map(|i| quantize_row(&(0..k).map(|j| x.get(i, j)).collect::<Vec<_>>()))
+        .map(|i| quantize_row(&x_row(&x, i)))
         .collect();
     #[cfg(target_arch = "x86_64")]
     let prepared: Option<avx512::Prepared> = vnni.then(|| avx512::Prepared::new(&rows, w.format));
@@ -502,11 +534,11 @@ thread_local! {
 #[inline(always)]
 fn dequantize_rows(w: &QuantMatrix, j0: usize, nb: usize, out: &mut [f32]) {
     let (k, groups) = (w.k, w.groups());
-    let data = w.data();
+    let (data, scales) = (w.data(), w.scales());
     for (r, o) in out.chunks_exact_mut(k).take(nb).enumerate() {
         let row = j0 + r;
         for (g, og) in o.chunks_mut(GROUP).enumerate() {
-            let s = w.group_scale(row * groups + g);
+            let s = scale_at(scales, row * groups + g);
             match w.format {
                 QuantFormat::Q8 => {
                     let q = &data[row * k + g * GROUP..][..og.len()];
@@ -547,20 +579,21 @@ fn vnni_available() -> bool {
 
 fn row_dot_portable(w: &QuantMatrix, jn: usize, x: &QuantRow) -> f32 {
     let (k, groups) = (w.k, w.groups());
+    let (data, scales) = (w.data(), w.scales());
     let mut total = 0f32;
     for g in 0..groups {
         let len = GROUP.min(k - g * GROUP);
         let xb = &x.q[g * GROUP..g * GROUP + len];
         let d: i32 = match w.format {
             QuantFormat::Q8 => {
-                let row = &w.data()[jn * k + g * GROUP..jn * k + g * GROUP + len];
+                let row = &data[jn * k + g * GROUP..jn * k + g * GROUP + len];
                 row.iter()
                     .zip(xb)
                     .map(|(&a, &q)| i32::from(a as i8) * i32::from(q))
                     .sum()
             }
             QuantFormat::Q4 => {
-                let bytes = &w.data()[(jn * groups + g) * GROUP / 2..][..GROUP / 2];
+                let bytes = &data[(jn * groups + g) * GROUP / 2..][..GROUP / 2];
                 // values past the row's end pair with activation zeros (the row is padded)
                 let xs = &x.q[g * GROUP..(g + 1) * GROUP];
                 let mut d = 0i32;
@@ -571,7 +604,7 @@ fn row_dot_portable(w: &QuantMatrix, jn: usize, x: &QuantRow) -> f32 {
                 d
             }
         };
-        total += d as f32 * x.s[g] * w.group_scale(jn * groups + g);
+        total += d as f32 * x.s[g] * scale_at(scales, jn * groups + g);
     }
     total
 }
@@ -696,6 +729,15 @@ mod avx512 {
     /// Most activation rows per weight-vector load.
     const R: usize = 8;
 
+    /// A weight's bytes, looked up once per band (see `scale_at`).
+    struct Weights {
+        format: QuantFormat,
+        k: usize,
+        groups: usize,
+        data: *const u8,
+        scales: *const u16,
+    }
+
     /// Dot products of weight rows `j0..j1` with every prepared row, into
     /// `d[i * (j1 - j0) + j - j0]`.
     ///
@@ -710,16 +752,29 @@ mod avx512 {
         d: &mut [f32],
     ) {
         let nb = j1 - j0;
+        let w = &Weights {
+            format: w.format,
+            k: w.k,
+            groups: w.groups(),
+            data: w.data().as_ptr(),
+            scales: w.scales().as_ptr().cast::<u16>(),
+        };
         let mut jn = j0;
         while jn < j1 {
-            // four weight rows at a time when there are rows enough to share them (prefill)
-            let quad = rows.m >= R && jn + 3 < j1;
+            // four weight rows at a time when rows enough share them (prefill), and for q4
+            // always: four independent accumulator chains for one row of activations (a decode
+            // step) took q4 decode from 39-44 to 41-46 tokens/s on a 2-core Zen 5 (TinyLlama
+            // shapes), where q8 fell from 26-33 to 21 and keeps one weight row at a time
+            let quad = (rows.m >= R || w.format == QuantFormat::Q4) && jn + 3 < j1;
             let mut i = 0;
             while i < rows.m {
                 let four = quad && rows.m - i >= 4;
-                // chunks of 8, then 4, 2, 1 rows (4 against 4 weight rows)
+                // 4 x 4 tiles, single rows against 4 weight rows, or on the last weight rows
+                // chunks of 8, 4, 2, 1 rows
                 let r = if four {
                     4
+                } else if quad {
+                    1
                 } else {
                     [8, 4, 2, 1]
                         .into_iter()
@@ -736,17 +791,20 @@ mod avx512 {
                                 d[(i + q) * nb + jn + o - j0] = vr[q];
                             }
                         }
+                    } else if quad {
+                        let v = row_dots::<4, 1>(w, jn, rows, i);
+                        for (o, vr) in v.iter().enumerate() {
+                            d[i * nb + jn + o - j0] = vr[0];
+                        }
                     } else {
-                        for o in 0..1 + 3 * usize::from(quad) {
-                            let v = match r {
-                                8 => row_dots::<1, 8>(w, jn + o, rows, i)[0],
-                                4 => pad(row_dots::<1, 4>(w, jn + o, rows, i)[0]),
-                                2 => pad(row_dots::<1, 2>(w, jn + o, rows, i)[0]),
-                                _ => pad(row_dots::<1, 1>(w, jn + o, rows, i)[0]),
-                            };
-                            for q in 0..r {
-                                d[(i + q) * nb + jn + o - j0] = v[q];
-                            }
+                        let v = match r {
+                            8 => row_dots::<1, 8>(w, jn, rows, i)[0],
+                            4 => pad(row_dots::<1, 4>(w, jn, rows, i)[0]),
+                            2 => pad(row_dots::<1, 2>(w, jn, rows, i)[0]),
+                            _ => pad(row_dots::<1, 1>(w, jn, rows, i)[0]),
+                        };
+                        for q in 0..r {
+                            d[(i + q) * nb + jn - j0] = v[q];
                         }
                     }
                 }
@@ -764,13 +822,13 @@ mod avx512 {
 
     /// Weight rows `jn..jn + W` against the `N` prepared rows from `i0`: each weight vector
     /// is loaded and made unsigned once for all `N` rows, and each activation entry loaded once
-    /// for all `W` weight rows (prefill runs W = 4, N = 4; decode W = 1).
+    /// for all `W` weight rows (prefill runs W = 4, N = 4; decode W = 4, N = 1).
     ///
     /// # Safety
     /// As [`band`]; weight rows `jn..jn + W` and prepared rows `i0..i0 + N` exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn row_dots<const W: usize, const N: usize>(
-        w: &QuantMatrix,
+        w: &Weights,
         jn: usize,
         rows: &Prepared,
         i0: usize,
@@ -787,15 +845,14 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // q indexes the accumulators of every weight row
     unsafe fn row_dots_q8<const W: usize, const N: usize>(
-        w: &QuantMatrix,
+        w: &Weights,
         jn: usize,
         rows: &Prepared,
         i0: usize,
     ) -> [[f32; N]; W] {
-        let (k, groups) = (w.k, w.groups());
+        let (k, groups) = (w.k, w.groups);
         let blocks = rows.blocks;
-        let data = w.data().as_ptr();
-        let scales = w.scales().as_ptr().cast::<u16>();
+        let (data, scales) = (w.data, w.scales);
         // SAFETY: loads stay inside the weight rows (k bytes each, the last block masked),
         // inside their scales and inside the prepared rows (entries of rows i0..i0 + N,
         // 64-byte aligned).
@@ -850,15 +907,14 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // q indexes the accumulators of every weight row
     unsafe fn row_dots_q4<const W: usize, const N: usize>(
-        w: &QuantMatrix,
+        w: &Weights,
         jn: usize,
         rows: &Prepared,
         i0: usize,
     ) -> [[f32; N]; W] {
-        let groups = w.groups();
+        let groups = w.groups;
         let blocks = rows.blocks;
-        let data = w.data().as_ptr();
-        let scales = w.scales().as_ptr().cast::<u16>();
+        let (data, scales) = (w.data, w.scales);
         // SAFETY: loads stay inside the weight rows (groups * 16 bytes each, a short last
         // block masked), inside their scales (a short last block reads only its groups') and
         // inside the prepared rows (entries of rows i0..i0 + N, 64-byte aligned).

@@ -142,6 +142,12 @@ impl<'a> MatRef<'a> {
         self.cols
     }
 
+    /// Row `i` as a slice when its elements are contiguous (unit column stride, or one
+    /// column); `None` otherwise.
+    pub(crate) fn row_slice(&self, i: usize) -> Option<&'a [f32]> {
+        (self.cs == 1 || self.cols <= 1).then(|| &self.data[i * self.rs..i * self.rs + self.cols])
+    }
+
     /// Element `(i, j)` (panics when out of range).
     pub fn get(&self, i: usize, j: usize) -> f32 {
         assert!(
