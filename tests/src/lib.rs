@@ -9,6 +9,7 @@
 //! assert!(report.worst_error() <= 1e-5);
 //! ```
 
+pub mod fusion;
 pub mod llm;
 pub mod tensor_composite;
 pub mod vision;

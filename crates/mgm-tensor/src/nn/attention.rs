@@ -834,6 +834,18 @@ impl MultiHeadAttention {
         )
     }
 
+    /// The same attention with the scores scaled by `scale` instead of `1 / sqrt(head_dim)`
+    /// (a temperature `t` is `scale = 1 / (sqrt(head_dim) t)`).
+    pub fn with_scale(mut self, scale: f64) -> MultiHeadAttention {
+        self.scale = scale;
+        self
+    }
+
+    /// The factor the scores are multiplied by before the softmax.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
     /// Number of heads.
     pub fn num_heads(&self) -> usize {
         self.num_heads
