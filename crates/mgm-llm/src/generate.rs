@@ -74,19 +74,7 @@ impl<'m> Generation<'m> {
         let c = model.config();
         let b = prompts.len();
         let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let total = t + opts.max_new_tokens;
-        if let Some(ctx) = model.max_context()
-            && total > ctx
-        {
-            return Err(Error::input(
-                "generate",
-                format!(
-                    "a prompt of {t} tokens plus {} new tokens exceeds the model's context of \
-                     {ctx} (max_position_embeddings)",
-                    opts.max_new_tokens
-                ),
-            ));
-        }
+        check_context(model, t, opts.max_new_tokens)?;
         let pad = opts
             .pad_token
             .or(c.pad_token_id)
@@ -103,8 +91,60 @@ impl<'m> Generation<'m> {
             mask.extend(std::iter::repeat_n(1i64, p.len()));
         }
         let pos = Positions::from_mask(&mask, b, t);
-        let mut cache = model.new_cache(b, total)?;
-        let logits = model.step_keep(&Tensor::from_vec(ids, &[b, t])?, &pos, &mut cache, 1)?;
+        let embeds = model.embed(&Tensor::from_vec(ids, &[b, t])?)?;
+        let next_pos = prompts.iter().map(Vec::len).collect();
+        Self::start(model, &embeds, &pos, prompts.to_vec(), next_pos, pad, opts)
+    }
+
+    /// Prefills prompts given as input embeddings `[B, T, hidden]` (every position real, e.g.
+    /// text with image features spliced in, as [`CausalLm::embed`] and a projector make them);
+    /// `history` holds each row's prompt tokens for the repetition penalty (image positions
+    /// have none).
+    pub fn from_embeds(
+        model: &'m CausalLm,
+        embeds: &Tensor,
+        history: Vec<Vec<u32>>,
+        opts: GenerateOptions,
+    ) -> Result<Self> {
+        opts.sampling.validate()?;
+        let (b, t) = match embeds.shape() {
+            &[b, t, _] if b > 0 && t > 0 => (b, t),
+            s => {
+                return Err(Error::input(
+                    "generate",
+                    format!("prompt embeddings must be [batch, seq, hidden], got {s:?}"),
+                ));
+            }
+        };
+        if history.len() != b {
+            return Err(Error::input(
+                "generate",
+                format!("{} token histories for {b} prompt rows", history.len()),
+            ));
+        }
+        check_context(model, t, opts.max_new_tokens)?;
+        let c = model.config();
+        let pad = opts
+            .pad_token
+            .or(c.pad_token_id)
+            .or(c.eos_token_ids.first().copied())
+            .unwrap_or(0);
+        let pos = Positions::contiguous(b, t, 0);
+        Self::start(model, embeds, &pos, history, vec![t; b], pad, opts)
+    }
+
+    fn start(
+        model: &'m CausalLm,
+        embeds: &Tensor,
+        pos: &Positions,
+        history: Vec<Vec<u32>>,
+        next_pos: Vec<usize>,
+        pad: u32,
+        opts: GenerateOptions,
+    ) -> Result<Self> {
+        let (b, t) = (embeds.shape()[0], embeds.shape()[1]);
+        let mut cache = model.new_cache(b, t + opts.max_new_tokens)?;
+        let logits = model.step_embeds_keep(embeds, pos, &mut cache, 1)?;
         let last = last_logits(&logits)?;
         let samplers = (0..b)
             .map(|i| {
@@ -117,8 +157,8 @@ impl<'m> Generation<'m> {
         Ok(Generation {
             model,
             samplers,
-            history: prompts.to_vec(),
-            next_pos: prompts.iter().map(Vec::len).collect(),
+            history,
+            next_pos,
             finished: vec![false; b],
             last,
             produced: 0,
@@ -197,6 +237,20 @@ impl Iterator for Generation<'_> {
             return None;
         }
         Some(self.advance())
+    }
+}
+
+/// A prompt of `t` positions plus `new` tokens must fit the model's context.
+fn check_context(model: &CausalLm, t: usize, new: usize) -> Result<()> {
+    match model.max_context() {
+        Some(ctx) if t + new > ctx => Err(Error::input(
+            "generate",
+            format!(
+                "a prompt of {t} tokens plus {new} new tokens exceeds the model's context of \
+                 {ctx} (max_position_embeddings)"
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 

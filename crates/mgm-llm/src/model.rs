@@ -436,6 +436,20 @@ impl CausalLm {
         }
     }
 
+    /// The input embeddings of `ids` `[B, T]` (i64) as transformers 5's
+    /// `get_input_embeddings()(ids)` returns them: `[B, T, hidden]`, Gemma's `sqrt(hidden)`
+    /// scale applied. A vision-language model splices image features into these and runs
+    /// [`CausalLm::forward_embeds`].
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_ids(ids)
+    }
+
+    /// The factor the embeddings are multiplied by (`sqrt(hidden)` for Gemma, rounded to f32),
+    /// for models that scale spliced rows too (MGM does, as transformers 4.x's Gemma did).
+    pub fn embed_scale(&self) -> Option<f32> {
+        self.embed_scale
+    }
+
     /// Embeddings of `ids` `[B, T]` (Gemma's scale applied).
     fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         check_ids(ids, self.config.vocab_size)?;
@@ -458,7 +472,13 @@ impl CausalLm {
                 format!("input_ids must be [batch, seq], got {s:?}"),
             ));
         }
-        let (b, t) = (s[0], s[1]);
+        self.forward_embeds(&self.embed_ids(input_ids)?, pos)
+    }
+
+    /// [`CausalLm::forward`] from input embeddings `[B, T, hidden]` (as [`CausalLm::embed`]
+    /// makes them, no further scaling), like transformers' `inputs_embeds`.
+    pub fn forward_embeds(&self, embeds: &Tensor, pos: Option<&Positions>) -> Result<Tensor> {
+        let (b, t) = self.check_embeds("CausalLm::forward_embeds", embeds)?;
         let own;
         let pos = match pos {
             Some(p) => p,
@@ -480,7 +500,7 @@ impl CausalLm {
         self.rope
             .update(&mut state, pos.ids.iter().copied().max().unwrap_or(0));
         let mask = self.mask(b, t, 0, t, |bb, j| pos.valid[bb * t + j])?;
-        let mut x = self.embed_ids(input_ids)?;
+        let mut x = embeds.clone();
         for layer in &self.layers {
             let h = layer.input_norm.forward(&x)?;
             x = layer
@@ -544,7 +564,25 @@ impl CausalLm {
                 ),
             ));
         }
-        let (b, t) = (s[0], s[1]);
+        self.step_embeds_keep(&self.embed_ids(input_ids)?, pos, cache, logits_to_keep)
+    }
+
+    /// [`CausalLm::step_keep`] from input embeddings `[B, T, hidden]` (a prompt with image
+    /// features spliced in; later steps feed ids again).
+    pub fn step_embeds_keep(
+        &self,
+        embeds: &Tensor,
+        pos: &Positions,
+        cache: &mut KvCache,
+        logits_to_keep: usize,
+    ) -> Result<Tensor> {
+        let (b, t) = self.check_embeds("CausalLm::step", embeds)?;
+        if b != cache.batch {
+            return Err(Error::input(
+                "CausalLm::step",
+                format!("a batch of {b} for a cache of {} sequences", cache.batch),
+            ));
+        }
         if pos.ids.len() != b * t || pos.valid.len() != b * t {
             return Err(Error::input(
                 "CausalLm::step",
@@ -577,7 +615,7 @@ impl CausalLm {
             .map(|&p| self.rope.cos_sin(&state, p))
             .collect();
         cache.rope = state;
-        let mut x = self.embed_ids(input_ids)?;
+        let mut x = embeds.clone();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
             x = layer
@@ -595,6 +633,23 @@ impl CausalLm {
         };
         let x = self.norm.forward(&x)?;
         Ok(self.lm_head.forward(&x)?)
+    }
+}
+
+impl CausalLm {
+    /// `embeds` must be `[B, T, hidden]` in a float dtype; returns `(B, T)`.
+    fn check_embeds(&self, what: &'static str, embeds: &Tensor) -> Result<(usize, usize)> {
+        match embeds.shape() {
+            &[b, t, h] if h == self.config.hidden_size && embeds.dtype().is_float() => Ok((b, t)),
+            s => Err(Error::input(
+                what,
+                format!(
+                    "input embeddings must be [batch, seq, {}] floats, got {s:?} {}",
+                    self.config.hidden_size,
+                    embeds.dtype()
+                ),
+            )),
+        }
     }
 }
 
