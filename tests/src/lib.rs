@@ -10,6 +10,7 @@
 //! ```
 
 pub mod fusion;
+pub mod llava;
 pub mod llm;
 pub mod tensor_composite;
 pub mod vision;

@@ -103,18 +103,20 @@ impl Projector {
     }
 
     /// Loads a two-layer projector whose layers have their own names, as transformers'
-    /// `LlavaMultiModalProjector` (`linear_1`, `linear_2`, `projector_hidden_act` between).
+    /// `LlavaMultiModalProjector` (`linear_1`, `linear_2`, `projector_hidden_act` between,
+    /// biases when `multimodal_projector_bias`).
     pub fn load_named(
         vs: &VarStore,
         names: [&str; 2],
         activation: Activation,
+        bias: bool,
         in_dim: usize,
         out_dim: usize,
     ) -> Result<Self> {
         Ok(Projector {
             layers: vec![
-                Linear::load(&vs.pp(names[0]), in_dim, out_dim, true)?,
-                Linear::load(&vs.pp(names[1]), out_dim, out_dim, true)?,
+                Linear::load(&vs.pp(names[0]), in_dim, out_dim, bias)?,
+                Linear::load(&vs.pp(names[1]), out_dim, out_dim, bias)?,
             ],
             activation,
             in_dim,

@@ -19,6 +19,7 @@ pub const SUPPORTED: &[&str] = &[
     "MistralForCausalLM",
     "GemmaForCausalLM",
     "MixtralForCausalLM",
+    "LlavaForConditionalGeneration",
 ];
 
 /// How to load a model.
@@ -43,6 +44,7 @@ enum Arch {
     Clip(Box<ClipVisionModel>),
     ConvNext(Box<ConvNextModel>),
     CausalLm(Box<CausalLm>),
+    Llava(Box<crate::llava::Llava>),
 }
 
 /// A loaded model of one of the [`SUPPORTED`] architectures.
@@ -71,6 +73,7 @@ fn architecture(config_path: &Path) -> Result<String> {
         Some("mistral") => Ok("MistralForCausalLM".into()),
         Some("gemma") => Ok("GemmaForCausalLM".into()),
         Some("mixtral") => Ok("MixtralForCausalLM".into()),
+        Some("llava") => Ok("LlavaForConditionalGeneration".into()),
         Some(other) => Ok(other.to_string()),
         None => Err(Error::Config {
             path,
@@ -80,7 +83,7 @@ fn architecture(config_path: &Path) -> Result<String> {
 }
 
 /// The weights of a model directory: model.safetensors or a sharded index.
-fn weights(dir: &Path) -> Result<VarStore> {
+pub(crate) fn weights(dir: &Path) -> Result<VarStore> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         return Ok(VarStore::from_safetensors_index(&index)?);
@@ -116,7 +119,7 @@ impl Model {
     pub fn load(dir: &Path, options: Options) -> Result<Model> {
         let config_path = dir.join("config.json");
         let arch = architecture(&config_path)?;
-        let is_lm = arch.ends_with("ForCausalLM");
+        let is_lm = arch.ends_with("ForCausalLM") || arch == "LlavaForConditionalGeneration";
         if let (Some(f), false) = (options.quant, is_lm) {
             return Err(Error::Config {
                 path: config_path.display().to_string(),
@@ -158,6 +161,18 @@ impl Model {
                     None => m,
                 }))
             }
+            "LlavaForConditionalGeneration" => {
+                if options.dtype != DType::F32 {
+                    return Err(Error::Config {
+                        path: config_path.display().to_string(),
+                        msg: format!(
+                            "LLaVA runs in f32 (with --quant for its LM), not {:?}",
+                            options.dtype
+                        ),
+                    });
+                }
+                Arch::Llava(Box::new(crate::llava::Llava::from_dir(dir, options.quant)?))
+            }
             _ => {
                 return Err(Error::UnsupportedArchitecture {
                     path: config_path.display().to_string(),
@@ -180,6 +195,7 @@ impl Model {
                 mgm_llm::Arch::Gemma => "GemmaForCausalLM",
                 mgm_llm::Arch::Mixtral => "MixtralForCausalLM",
             },
+            Arch::Llava(_) => "LlavaForConditionalGeneration",
         }
     }
 
@@ -188,6 +204,29 @@ impl Model {
     pub fn forward(&self, inputs: &HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>> {
         if let Arch::CausalLm(m) = &self.arch {
             return causal_lm_forward(m, inputs);
+        }
+        if let Arch::Llava(m) = &self.arch {
+            let ids = ids_input(inputs, "input_ids", None)?.ok_or_else(|| Error::Input {
+                name: "input_ids".into(),
+                msg: "missing from the inputs file".into(),
+            })?;
+            let pixels = match inputs.get("pixel_values") {
+                Some(_) => Some(pixel_values(inputs)?),
+                None => None,
+            };
+            let mask = ids_input(inputs, "attention_mask", Some(ids.shape()))?;
+            // as transformers without position_ids: positions 0..T, padded keys masked
+            let pos = mask
+                .map(|mk| -> Result<Positions> {
+                    let (b, t) = (ids.shape()[0], ids.shape()[1]);
+                    Ok(Positions {
+                        ids: (0..b).flat_map(|_| 0..t).collect(),
+                        valid: mk.to_vec::<i64>()?.iter().map(|&v| v != 0).collect(),
+                    })
+                })
+                .transpose()?;
+            let logits = m.forward(ids, pixels, pos.as_ref())?;
+            return Ok(vec![("logits".to_string(), logits)]);
         }
         let x = pixel_values(inputs)?;
         let (last, pooled, hidden) = match &self.arch {
@@ -199,7 +238,7 @@ impl Model {
                 let o = m.forward(x)?;
                 (o.last_hidden_state, o.pooler_output, o.hidden_states)
             }
-            Arch::CausalLm(_) => unreachable!("returned above"),
+            Arch::CausalLm(_) | Arch::Llava(_) => unreachable!("returned above"),
         };
         let f32 = |t: Tensor| t.to_dtype(DType::F32);
         let mut out = vec![("last_hidden_state".to_string(), f32(last)?)];

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod forward;
+pub mod llava;
 
 /// What went wrong loading or running a model; names the file, key or tensor.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,9 @@ pub enum Error {
     /// A language-model error (config keys, weights, tokens, templates).
     #[error(transparent)]
     Llm(#[from] mgm_llm::Error),
+    /// A fusion-module error (projector type, mining shapes).
+    #[error(transparent)]
+    Fusion(#[from] mgm_fusion::Error),
 }
 
 /// Result with the crate's [`Error`].
