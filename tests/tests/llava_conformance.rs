@@ -24,8 +24,7 @@ fn llava_image_token_count_must_match_the_images() {
     let one = inputs["pixel_values"].narrow(0, 0, 1).expect("first image");
     let e = llava
         .forward(&inputs["input_ids"], Some(&one), None)
-        .err()
-        .expect("8 image tokens for 1 image is an error")
+        .expect_err("8 image tokens for 1 image is an error")
         .to_string();
     assert!(
         e.contains("8 image tokens") && e.contains("4 image features"),
