@@ -116,6 +116,79 @@ def case(name, feature_layer, strategy, seed):
     print(f"{name}: {per_image} tokens per image, {kb:.1f} KB")
 
 
+
+def example():
+    """examples/tiny-llava: the README's main command. A tiny LLaVA (random weights, so its
+    answers are noise until a trained model replaces it) with the BPE tokenizer of
+    tests/fixtures/tokenizer_bpe (vocab 400 + the image token 400), a CLIPImageProcessor
+    preprocessor_config.json (28 px), and examples/images/shapes.png (64 x 48: a red square and
+    a blue circle on white, drawn with PIL). generate.safetensors holds transformers' greedy
+    `generate` for the prompt "<image>\\nWhat colour is the square?": `input_ids` (the chunks
+    around the marker tokenized separately, BOS on the first only, the image token once per
+    feature), `pixel_values` from the processor, `output_ids` (8 new tokens; every step's best
+    logit beats the second by >= 1e-3, the weights seed chosen until it does)."""
+    from PIL import Image, ImageDraw
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    root = os.path.normpath(os.path.join(FIXTURES, "..", "..", "examples"))
+    img_dir = os.path.join(root, "images")
+    os.makedirs(img_dir, exist_ok=True)
+    img = Image.new("RGB", (64, 48), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    d.rectangle([6, 10, 26, 30], fill=(220, 30, 30))
+    d.ellipse([36, 12, 58, 34], fill=(30, 60, 220))
+    img_path = os.path.join(img_dir, "shapes.png")
+    img.save(img_path, optimize=False)
+
+    tok_src = os.path.normpath(os.path.join(FIXTURES, "tokenizer_bpe"))
+    tok = AutoTokenizer.from_pretrained(tok_src)
+    vocab = 401
+    image_token = 400
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=28, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+    tc = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, head_dim=16,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    pixel_values = processor(images=Image.open(img_path), return_tensors="pt")["pixel_values"]
+    prompt = "<image>\nWhat colour is the square?"
+    ids = []
+    for i, chunk in enumerate(prompt.split("<image>")):
+        if i > 0:
+            ids += [image_token] * 4
+        if chunk or i == 0:
+            ids += tok(chunk, add_special_tokens=(i == 0))["input_ids"]
+    input_ids = torch.tensor([ids], dtype=torch.int64)
+    out = os.path.join(root, "tiny-llava")
+    for seed in range(100, 200):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(cfg).eval()
+        randomize(model, seed)
+        with torch.inference_mode():
+            gen = model.generate(input_ids=input_ids, pixel_values=pixel_values, do_sample=False,
+                                 max_new_tokens=8, min_new_tokens=8, output_logits=True,
+                                 return_dict_in_generate=True)
+        margins = [torch.topk(l[0], 2).values for l in gen.logits]
+        if all(float(m[0] - m[1]) >= 1e-3 for m in margins) and int(tc.eos_token_id) not in gen.sequences[0, len(ids):].tolist():
+            break
+    else:
+        sys.exit("no seed in 100..200 gives clear greedy margins")
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    for f in os.listdir(out):
+        if f not in ("config.json", "model.safetensors"):
+            os.remove(os.path.join(out, f))
+    processor.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tok_src, f), os.path.join(out, f))
+    save_file({"input_ids": input_ids, "pixel_values": pixel_values, "output_ids": gen.sequences},
+              os.path.join(out, "generate.safetensors"), metadata=META)
+    kb = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 1024
+    print(f"examples/tiny-llava: seed {seed}, {kb:.1f} KB; prompt ids {ids}; output {gen.sequences[0, len(ids):].tolist()}")
+
 def main():
     check_versions()
     torch.set_num_threads(1)
@@ -124,6 +197,11 @@ def main():
     case("llava_default", -2, "default", 31)
     case("llava_full", -1, "full", 32)
     case("llava_layers", [-3, -1], "default", 33)
+    example()
+
+
+if __name__ == "__main__":
+    main()
 
 
 if __name__ == "__main__":

@@ -196,6 +196,40 @@ pub fn load_image(path: impl AsRef<Path>, alpha: AlphaMode) -> Result<RgbImage> 
     decode_image(&bytes, &path.display().to_string(), alpha)
 }
 
+/// [`load_image`] that refuses an image of more than `max_pixels` pixels before decoding it
+/// (the header is read first), so a huge or malicious file cannot exhaust memory.
+pub fn load_image_limited(
+    path: impl AsRef<Path>,
+    alpha: AlphaMode,
+    max_pixels: usize,
+) -> Result<RgbImage> {
+    let path = path.as_ref();
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: name.clone(),
+        source,
+    })?;
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::ImageDecode {
+            path: name.clone(),
+            msg: e.to_string(),
+        })?
+        .into_dimensions()
+        .map_err(|e| Error::ImageDecode {
+            path: name.clone(),
+            msg: e.to_string(),
+        })?;
+    let pixels = w as usize * h as usize;
+    if pixels > max_pixels {
+        return Err(Error::InvalidInput {
+            what: "image",
+            msg: format!("{name} is {w} x {h} = {pixels} pixels, over the limit of {max_pixels}"),
+        });
+    }
+    decode_image(&bytes, &name, alpha)
+}
+
 /// LLaVA's `expand2square`: the image pasted centred on a square canvas of `color` (offset
 /// `(w - h) / 2` rows, or `(h - w) / 2` columns, rounded down as PIL's `paste` receives it).
 pub fn expand_to_square(img: &RgbImage, color: [u8; 3]) -> RgbImage {

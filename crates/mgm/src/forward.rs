@@ -52,8 +52,8 @@ pub struct Model {
     arch: Arch,
 }
 
-/// `architectures[0]`, else the class transformers maps `model_type` to.
-fn architecture(config_path: &Path) -> Result<String> {
+/// `architectures[0]` of a config.json, else the class transformers maps `model_type` to.
+pub fn architecture(config_path: &Path) -> Result<String> {
     let path = config_path.display().to_string();
     let text = std::fs::read_to_string(config_path).map_err(|e| Error::Config {
         path: path.clone(),

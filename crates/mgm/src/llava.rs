@@ -295,3 +295,52 @@ impl Llava {
         Ok(self.lm.forward_embeds(&x, pos)?)
     }
 }
+
+/// The `<image>` marker of LLaVA and MGM prompts.
+pub const IMAGE_MARKER: &str = "<image>";
+
+/// Token ids of `prompt` for `n_images` images: each `<image>` marker becomes
+/// `tokens_per_image` copies of `image_token`, the text between markers is encoded chunk by
+/// chunk (only the first chunk gets the tokenizer's special tokens, i.e. BOS, and only when
+/// `add_special`: a rendered chat template holds its own), as LLaVA's and MGM's
+/// `tokenizer_image_token` do. A prompt without markers gets one `<image>\n` per image in
+/// front (as MGM's CLI does); any other count that differs from `n_images` is an error.
+/// Returns the ids and the text tokens alone (for the repetition penalty).
+pub fn prompt_ids(
+    tok: &mgm_llm::Tokenizer,
+    prompt: &str,
+    n_images: usize,
+    tokens_per_image: usize,
+    image_token: u32,
+    add_special: bool,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let markers = prompt.matches(IMAGE_MARKER).count();
+    let owned;
+    let prompt = if markers == 0 && n_images > 0 {
+        owned = format!("{}{prompt}", format!("{IMAGE_MARKER}\n").repeat(n_images));
+        owned.as_str()
+    } else if markers != n_images {
+        return Err(Error::Input {
+            name: "prompt".into(),
+            msg: format!(
+                "{markers} {IMAGE_MARKER} marker(s) for {n_images} image(s): give one --image per \
+                 marker"
+            ),
+        });
+    } else {
+        prompt
+    };
+    let (mut ids, mut text) = (Vec::new(), Vec::new());
+    for (i, chunk) in prompt.split(IMAGE_MARKER).enumerate() {
+        if i > 0 {
+            ids.extend(std::iter::repeat_n(image_token, tokens_per_image));
+        }
+        if chunk.is_empty() && i > 0 {
+            continue;
+        }
+        let t = tok.encode(chunk, add_special && i == 0)?;
+        text.extend(&t);
+        ids.extend(t);
+    }
+    Ok((ids, text))
+}

@@ -100,6 +100,13 @@ struct GenerateArgs {
     /// Quantize the weights at load: q8 or q4 (a model saved by `mgm quantize` needs none).
     #[arg(long, value_parser = parse_quant)]
     quant: Option<QuantFormat>,
+    /// An image for a vision-language model (repeat for several; each `<image>` in the prompt
+    /// takes the next one, and a prompt without any gets them in front).
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// Images larger than this many pixels are refused before decoding.
+    #[arg(long, default_value_t = 64_000_000)]
+    max_image_pixels: usize,
 }
 
 fn parse_quant(s: &str) -> std::result::Result<QuantFormat, String> {
@@ -210,12 +217,121 @@ fn forward(
     Ok(())
 }
 
-fn generate(a: &GenerateArgs) -> Result<()> {
-    use std::io::Write;
+/// The sampling options of the command line, stopping at the model's and tokenizer's EOS.
+fn generate_options(
+    a: &GenerateArgs,
+    model: &mgm_llm::CausalLm,
+    tok: Option<&mgm_llm::Tokenizer>,
+) -> mgm_llm::GenerateOptions {
+    let mut stop = model.config().eos_token_ids.clone();
+    if let Some(e) = tok.and_then(mgm_llm::Tokenizer::eos_token_id)
+        && !stop.contains(&e)
+    {
+        stop.push(e);
+    }
+    mgm_llm::GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        min_new_tokens: 0,
+        sampling: mgm_llm::SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        stop_tokens: stop,
+        pad_token: None,
+    }
+}
 
-    use mgm_llm::{
-        CausalLm, GenerateOptions, Generation, Message, SamplingParams, TextDeltas, Tokenizer,
+/// Streams a generation's tokens (text deltas, or ids with `print_ids`) to stdout.
+fn stream(
+    generation: mgm_llm::Generation<'_>,
+    tok: Option<&mgm_llm::Tokenizer>,
+    print_ids: bool,
+) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut deltas = mgm_llm::TextDeltas::new();
+    for step in generation {
+        let id = step?[0];
+        match (tok, print_ids) {
+            (Some(t), false) => write!(out, "{}", deltas.push(t, id)?)?,
+            _ => write!(out, "{id} ")?,
+        }
+        out.flush()?;
+    }
+    if let (Some(t), false) = (tok, print_ids) {
+        write!(out, "{}", deltas.finish(t)?)?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+/// `mgm generate` on a LLaVA checkpoint: images preprocessed as its preprocessor_config.json
+/// says (CLIP's processor at the tower's size when there is none), `<image>` markers expanded.
+fn generate_llava(a: &GenerateArgs) -> Result<()> {
+    use mgm_llm::{Generation, Message, Tokenizer};
+    use mgm_vision::preprocess::{ImageProcessor, load_image_limited};
+    let llava = mgm::llava::Llava::from_dir(&a.model, a.quant)?;
+    let prompt = a
+        .prompt
+        .as_deref()
+        .context("a vision-language model needs --prompt TEXT")?;
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let pre = a.model.join("preprocessor_config.json");
+    let processor = if pre.exists() {
+        ImageProcessor::from_preprocessor_config(&pre)?
+    } else {
+        ImageProcessor::clip(llava.vision_tower().config().image_size)
     };
+    let images = a
+        .images
+        .iter()
+        .map(|p| load_image_limited(p, processor.alpha, a.max_image_pixels))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let text = if a.chat {
+        tok.apply_chat_template(&[Message::new("user", prompt)], true)?
+    } else {
+        prompt.to_string()
+    };
+    let (ids, history) = mgm::llava::prompt_ids(
+        &tok,
+        &text,
+        images.len(),
+        llava.tokens_per_image(),
+        llava.config().image_token_id,
+        !a.chat, // a rendered chat template holds its own BOS
+    )?;
+    let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+    let t = ids.len();
+    let pixels = (!images.is_empty())
+        .then(|| processor.preprocess(&images))
+        .transpose()?;
+    let embeds = llava.embed(
+        &mgm_tensor::Tensor::from_vec(ids, &[1, t])?,
+        pixels.as_ref(),
+    )?;
+    let lm = llava.language_model();
+    let opts = generate_options(a, lm, Some(&tok));
+    stream(
+        Generation::from_embeds(lm, &embeds, vec![history], opts)?,
+        Some(&tok),
+        a.print_ids,
+    )
+}
+
+fn generate(a: &GenerateArgs) -> Result<()> {
+    use mgm_llm::{CausalLm, Generation, Message, Tokenizer};
+    let arch = mgm::forward::architecture(&a.model.join("config.json"))?;
+    if arch == "LlavaForConditionalGeneration" {
+        return generate_llava(a);
+    }
+    anyhow::ensure!(
+        a.images.is_empty(),
+        "--image needs a vision-language model; {} is a {arch}",
+        a.model.display()
+    );
     let model = CausalLm::from_dir(&a.model)?;
     let model = match a.quant {
         Some(f) => model.quantize(f)?,
@@ -239,40 +355,12 @@ fn generate(a: &GenerateArgs) -> Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => anyhow::bail!("give --prompt TEXT or --input-ids 1,2,3"),
     };
-    let mut stop = model.config().eos_token_ids.clone();
-    if let Some(e) = tok.as_ref().and_then(Tokenizer::eos_token_id)
-        && !stop.contains(&e)
-    {
-        stop.push(e);
-    }
-    let opts = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        min_new_tokens: 0,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repetition_penalty: a.repetition_penalty,
-            seed: a.seed,
-        },
-        stop_tokens: stop,
-        pad_token: None,
-    };
-    let mut out = std::io::stdout().lock();
-    let mut deltas = TextDeltas::new();
-    for step in Generation::new(&model, &[prompt], opts)? {
-        let id = step?[0];
-        match (&tok, a.print_ids) {
-            (Some(t), false) => write!(out, "{}", deltas.push(t, id)?)?,
-            _ => write!(out, "{id} ")?,
-        }
-        out.flush()?;
-    }
-    if let (Some(t), false) = (&tok, a.print_ids) {
-        write!(out, "{}", deltas.finish(t)?)?;
-    }
-    writeln!(out)?;
-    Ok(())
+    let opts = generate_options(a, &model, tok.as_ref());
+    stream(
+        Generation::new(&model, &[prompt], opts)?,
+        tok.as_ref(),
+        a.print_ids,
+    )
 }
 
 fn main() -> ExitCode {
