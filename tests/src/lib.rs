@@ -12,6 +12,7 @@
 pub mod fusion;
 pub mod llava;
 pub mod llm;
+pub mod mgm;
 pub mod tensor_composite;
 pub mod vision;
 

@@ -29,7 +29,13 @@ pub fn check(dir: &Path) -> mgm::Result<Report> {
     let expected = mgm_tensor::safetensors::load(dir.join("expected.safetensors"))?;
     let mut report = Report::default();
     for (dtype, tag) in [(DType::F32, "f32"), (DType::BF16, "bf16")] {
-        let model = Model::load(dir, Options { dtype, quant: None })?;
+        let model = Model::load(
+            dir,
+            Options {
+                dtype,
+                ..Options::default()
+            },
+        )?;
         let outs = model.forward(&inputs)?;
         let mut names: Vec<&String> = expected.keys().collect();
         names.sort();

@@ -20,15 +20,21 @@ pub const SUPPORTED: &[&str] = &[
     "GemmaForCausalLM",
     "MixtralForCausalLM",
     "LlavaForConditionalGeneration",
+    "MGMLlamaForCausalLM",
+    "MGMGemmaForCausalLM",
+    "MGMMixtralForCausalLM",
+    "MGMMistralForCausalLM",
 ];
 
 /// How to load a model.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Weight and matmul dtype: F32 or BF16 (norms and softmax run in f32).
     pub dtype: DType,
     /// Quantize a causal LM's projections at load (weight-only; None: as stored).
     pub quant: Option<mgm_llm::QuantFormat>,
+    /// An MGM model's tower directories, instead of the config's.
+    pub towers: crate::minigemini::TowerDirs,
 }
 
 impl Default for Options {
@@ -36,6 +42,7 @@ impl Default for Options {
         Options {
             dtype: DType::F32,
             quant: None,
+            towers: Default::default(),
         }
     }
 }
@@ -45,6 +52,7 @@ enum Arch {
     ConvNext(Box<ConvNextModel>),
     CausalLm(Box<CausalLm>),
     Llava(Box<crate::llava::Llava>),
+    Mgm(Box<crate::minigemini::Mgm>),
 }
 
 /// A loaded model of one of the [`SUPPORTED`] architectures.
@@ -74,6 +82,10 @@ pub fn architecture(config_path: &Path) -> Result<String> {
         Some("gemma") => Ok("GemmaForCausalLM".into()),
         Some("mixtral") => Ok("MixtralForCausalLM".into()),
         Some("llava") => Ok("LlavaForConditionalGeneration".into()),
+        Some("mgm") => Ok("MGMLlamaForCausalLM".into()),
+        Some("mgm_gemma") => Ok("MGMGemmaForCausalLM".into()),
+        Some("mgm_mixtral") => Ok("MGMMixtralForCausalLM".into()),
+        Some("mgm_mistral") => Ok("MGMMistralForCausalLM".into()),
         Some(other) => Ok(other.to_string()),
         None => Err(Error::Config {
             path,
@@ -173,6 +185,22 @@ impl Model {
                 }
                 Arch::Llava(Box::new(crate::llava::Llava::from_dir(dir, options.quant)?))
             }
+            a if a.starts_with("MGM") && a.ends_with("ForCausalLM") => {
+                if options.dtype != DType::F32 {
+                    return Err(Error::Config {
+                        path: config_path.display().to_string(),
+                        msg: format!(
+                            "MGM runs in f32 (with --quant for its LM), not {:?}",
+                            options.dtype
+                        ),
+                    });
+                }
+                Arch::Mgm(Box::new(crate::minigemini::Mgm::from_dir(
+                    dir,
+                    &options.towers,
+                    options.quant,
+                )?))
+            }
             _ => {
                 return Err(Error::UnsupportedArchitecture {
                     path: config_path.display().to_string(),
@@ -196,6 +224,12 @@ impl Model {
                 mgm_llm::Arch::Mixtral => "MixtralForCausalLM",
             },
             Arch::Llava(_) => "LlavaForConditionalGeneration",
+            Arch::Mgm(m) => match m.config().backbone {
+                mgm_llm::Arch::Llama => "MGMLlamaForCausalLM",
+                mgm_llm::Arch::Mistral => "MGMMistralForCausalLM",
+                mgm_llm::Arch::Gemma => "MGMGemmaForCausalLM",
+                mgm_llm::Arch::Mixtral => "MGMMixtralForCausalLM",
+            },
         }
     }
 
@@ -228,6 +262,27 @@ impl Model {
             let logits = m.forward(ids, pixels, pos.as_ref())?;
             return Ok(vec![("logits".to_string(), logits)]);
         }
+        if let Arch::Mgm(m) = &self.arch {
+            // -200 placeholders are no token ids, so the ids are read without ids_input's checks
+            let ids = inputs.get("input_ids").ok_or_else(|| Error::Input {
+                name: "input_ids".into(),
+                msg: "missing from the inputs file".into(),
+            })?;
+            let aux = inputs.get("pixel_values_aux");
+            let ids_have_images = ids.dtype() == DType::I64
+                && ids
+                    .to_vec::<i64>()?
+                    .contains(&crate::minigemini::IMAGE_TOKEN_INDEX);
+            if aux.is_none() && ids_have_images {
+                return Err(Error::Input {
+                    name: "pixel_values_aux".into(),
+                    msg: "missing from the inputs file (MGM needs the normalized high-res images)"
+                        .into(),
+                });
+            }
+            let logits = m.forward(ids, aux, inputs.get("pixel_values"))?;
+            return Ok(vec![("logits".to_string(), logits)]);
+        }
         let x = pixel_values(inputs)?;
         let (last, pooled, hidden) = match &self.arch {
             Arch::Clip(m) => {
@@ -238,7 +293,7 @@ impl Model {
                 let o = m.forward(x)?;
                 (o.last_hidden_state, o.pooler_output, o.hidden_states)
             }
-            Arch::CausalLm(_) | Arch::Llava(_) => unreachable!("returned above"),
+            Arch::CausalLm(_) | Arch::Llava(_) | Arch::Mgm(_) => unreachable!("returned above"),
         };
         let f32 = |t: Tensor| t.to_dtype(DType::F32);
         let mut out = vec![("last_hidden_state".to_string(), f32(last)?)];

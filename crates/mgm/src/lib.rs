@@ -15,6 +15,7 @@
 
 pub mod forward;
 pub mod llava;
+pub mod minigemini;
 
 /// What went wrong loading or running a model; names the file, key or tensor.
 #[derive(Debug, thiserror::Error)]

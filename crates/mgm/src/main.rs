@@ -41,6 +41,13 @@ enum Cmd {
         /// Quantize a causal LM's weights at load: q8 or q4 (group-32, like q8_0 / q4_0).
         #[arg(long, value_parser = parse_quant)]
         quant: Option<QuantFormat>,
+        /// An MGM model's CLIP tower directory (default: the config's mm_vision_tower, relative
+        /// to --model).
+        #[arg(long)]
+        vision_tower: Option<PathBuf>,
+        /// An MGM model's ConvNeXt tower directory (default: mm_vision_tower_aux).
+        #[arg(long)]
+        vision_tower_aux: Option<PathBuf>,
     },
     /// Generate text with a causal LM, streaming it to stdout as it is produced.
     Generate(GenerateArgs),
@@ -184,10 +191,22 @@ fn forward(
     output: Option<PathBuf>,
     dtype: &str,
     quant: Option<QuantFormat>,
+    vision_tower: Option<PathBuf>,
+    vision_tower_aux: Option<PathBuf>,
 ) -> Result<()> {
     let dtype = parse_dtype(dtype)?;
     let inputs = inputs.unwrap_or_else(|| model.join("inputs.safetensors"));
-    let m = Model::load(model, Options { dtype, quant })?;
+    let m = Model::load(
+        model,
+        Options {
+            dtype,
+            quant,
+            towers: mgm::minigemini::TowerDirs {
+                vision_tower,
+                vision_tower_aux,
+            },
+        },
+    )?;
     let named = mgm_tensor::safetensors::load(&inputs)
         .with_context(|| format!("reading inputs {}", inputs.display()))?;
     let outs = m.forward(&named)?;
@@ -372,7 +391,17 @@ fn main() -> ExitCode {
             output,
             dtype,
             quant,
-        } => forward(&model, inputs, output, &dtype, quant),
+            vision_tower,
+            vision_tower_aux,
+        } => forward(
+            &model,
+            inputs,
+            output,
+            &dtype,
+            quant,
+            vision_tower,
+            vision_tower_aux,
+        ),
         Cmd::Generate(args) => generate(&args),
         Cmd::Quantize {
             model,

@@ -167,3 +167,71 @@ fn missing_truncated_weights_and_missing_config_key_name_the_file_or_key() {
     std::fs::write(&cfg, v.to_string()).unwrap();
     assert_one_error_line(&run(&model), &["hidden_size", "config.json"]);
 }
+
+#[test]
+fn forward_runs_mgm_with_and_without_the_low_res_input() {
+    let dir = fixture("mgm_llama");
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = mgm_tensor::safetensors::load(dir.join("expected_1.safetensors")).unwrap();
+    let inputs = mgm_tensor::safetensors::load(dir.join("inputs_1.safetensors")).unwrap();
+    // without pixel_values the low-res input is derived from pixel_values_aux
+    let only_aux = tmp.path().join("aux.safetensors");
+    mgm_tensor::safetensors::save(
+        &only_aux,
+        ["input_ids", "pixel_values_aux"]
+            .iter()
+            .map(|&k| (k, &inputs[k])),
+    )
+    .unwrap();
+    for (inp, key) in [
+        (dir.join("inputs_1.safetensors"), "logits"),
+        (only_aux.clone(), "logits_derived"),
+    ] {
+        let out = tmp.path().join("out.safetensors");
+        let o = mgm(&[
+            "forward",
+            "--model",
+            dir.to_str().unwrap(),
+            "--inputs",
+            inp.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = mgm_tensor::safetensors::load(&out).unwrap()["logits"]
+            .to_vec_f64()
+            .unwrap();
+        let want = expected[key].to_vec_f64().unwrap();
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        assert!(worst <= 1e-4, "{key}: max |diff| {worst}");
+    }
+    let ids_only = tmp.path().join("ids.safetensors");
+    mgm_tensor::safetensors::save(&ids_only, [("input_ids", &inputs["input_ids"])]).unwrap();
+    assert_one_error_line(
+        &mgm(&[
+            "forward",
+            "--model",
+            dir.to_str().unwrap(),
+            "--inputs",
+            ids_only.to_str().unwrap(),
+        ]),
+        &["pixel_values_aux", "missing"],
+    );
+    assert_one_error_line(
+        &mgm(&[
+            "forward",
+            "--model",
+            dir.to_str().unwrap(),
+            "--inputs",
+            only_aux.to_str().unwrap(),
+            "--vision-tower-aux",
+            "/nonexistent/convnext",
+        ]),
+        &["mm_vision_tower_aux", "/nonexistent/convnext"],
+    );
+}

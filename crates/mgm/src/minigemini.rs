@@ -1,0 +1,355 @@
+//! Mini-Gemini (MGM): a CLIP low-resolution tower, an OpenCLIP ConvNeXt high-resolution tower,
+//! patch-info mining, the `mlp2x_gelu` projector and a LLaMA / Gemma / Mixtral / Mistral
+//! decoder, in the checkpoint layout of DESIGN.md section 1.
+//!
+//! config.json is the decoder's config with `model_type` `mgm` (LLaMA), `mgm_gemma`,
+//! `mgm_mixtral` or `mgm_mistral` and MGM's `mm_*` keys; model.safetensors (or a sharded index)
+//! holds the decoder (`model.*`, `lm_head.*`), `model.mm_projector.*` and
+//! `model.vlm_uni_{query,aux,val}_projector.*`. The towers load from the directories
+//! `mm_vision_tower` and `mm_vision_tower_aux` name, relative to the model directory (or given
+//! explicitly): a transformers CLIPVisionModel directory, and a ConvNeXt directory with
+//! `open_clip_model.safetensors` (OpenCLIP names; its shape is read off the weights) or a
+//! transformers ConvNextModel. Each `-200` in `input_ids` is one image and becomes its mined,
+//! projected tokens; Gemma scales every input row, image rows included, by `sqrt(hidden)`.
+//! The HD variant (`image_grid` 2 with a global view) is not implemented yet: such a config is
+//! an error.
+
+use std::path::{Path, PathBuf};
+
+use mgm_fusion::{PatchInfoMining, Projector, ProjectorType};
+use mgm_llm::{CausalLm, DecoderConfig, QuantFormat};
+use mgm_tensor::{DType, InterpolateMode, Tensor};
+use mgm_vision::clip::ClipVisionModel;
+use mgm_vision::convnext::ConvNextModel;
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// The image placeholder id of MGM's code in `input_ids`.
+pub const IMAGE_TOKEN_INDEX: i64 = -200;
+
+/// MGM's multimodal config keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MgmConfig {
+    /// The decoder family from `model_type`.
+    pub backbone: mgm_llm::Arch,
+    /// CLIP hidden state the low-res features come from (`mm_vision_select_layer`).
+    pub select_layer: isize,
+    /// `cls_patch` keeps the class token; `patch` (the default) drops it.
+    pub keep_cls: bool,
+    /// The projector (`mm_projector_type`).
+    pub projector: ProjectorType,
+    /// The low-res tower's directory (`mm_vision_tower`).
+    pub vision_tower: String,
+    /// The high-res tower's directory (`mm_vision_tower_aux`).
+    pub vision_tower_aux: String,
+    /// The high-res input size (`image_size_aux`).
+    pub image_size_aux: usize,
+}
+
+impl MgmConfig {
+    /// Reads the MGM keys of a config.json value (`path` names it in errors).
+    pub fn from_json(v: &Value, path: &str) -> Result<MgmConfig> {
+        let err = |msg: String| Error::Config {
+            path: path.to_string(),
+            msg,
+        };
+        let missing = |k: &str| err(format!("missing required key {k:?}"));
+        let backbone = match v["model_type"].as_str() {
+            Some("mgm") | Some("mgm_llama") => mgm_llm::Arch::Llama,
+            Some("mgm_gemma") => mgm_llm::Arch::Gemma,
+            Some("mgm_mixtral") => mgm_llm::Arch::Mixtral,
+            Some("mgm_mistral") => mgm_llm::Arch::Mistral,
+            other => {
+                return Err(err(format!(
+                    "model_type {other:?} is not an MGM type (mgm, mgm_gemma, mgm_mixtral, \
+                     mgm_mistral)"
+                )));
+            }
+        };
+        let grid = v["image_grid"].as_u64().unwrap_or(1);
+        if grid != 1 || v["image_global"].as_bool().unwrap_or(false) {
+            return Err(err(format!(
+                "the HD variant (image_grid {grid}, image_global {}) is not supported yet",
+                v["image_global"]
+            )));
+        }
+        let keep_cls = match v["mm_vision_select_feature"].as_str().unwrap_or("patch") {
+            "patch" => false,
+            "cls_patch" => true,
+            other => {
+                return Err(err(format!(
+                    "mm_vision_select_feature {other:?} (expected \"patch\" or \"cls_patch\")"
+                )));
+            }
+        };
+        let s = |k: &str| v[k].as_str().map(str::to_string).ok_or_else(|| missing(k));
+        Ok(MgmConfig {
+            backbone,
+            select_layer: v["mm_vision_select_layer"].as_i64().unwrap_or(-2) as isize,
+            keep_cls,
+            projector: ProjectorType::parse(v["mm_projector_type"].as_str().unwrap_or("linear"))?,
+            vision_tower: s("mm_vision_tower")?,
+            vision_tower_aux: s("mm_vision_tower_aux")?,
+            image_size_aux: v["image_size_aux"]
+                .as_u64()
+                .ok_or_else(|| missing("image_size_aux"))? as usize,
+        })
+    }
+}
+
+/// Where the towers come from: the config's paths (relative to the model directory) unless
+/// given here (`--vision-tower`, `--vision-tower-aux`).
+#[derive(Clone, Debug, Default)]
+pub struct TowerDirs {
+    /// The CLIP directory.
+    pub vision_tower: Option<PathBuf>,
+    /// The ConvNeXt directory.
+    pub vision_tower_aux: Option<PathBuf>,
+}
+
+/// A loaded MGM model.
+pub struct Mgm {
+    clip: ClipVisionModel,
+    convnext: ConvNextModel,
+    mining: PatchInfoMining,
+    projector: Projector,
+    lm: CausalLm,
+    config: MgmConfig,
+}
+
+fn resolve(dir: &Path, given: &Option<PathBuf>, from_config: &str) -> PathBuf {
+    match given {
+        Some(p) => p.clone(),
+        None => {
+            let p = Path::new(from_config);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            }
+        }
+    }
+}
+
+impl Mgm {
+    /// Loads an MGM checkpoint directory and its towers; `quant` quantizes the decoder.
+    pub fn from_dir(dir: &Path, towers: &TowerDirs, quant: Option<QuantFormat>) -> Result<Mgm> {
+        let cfg_path = dir.join("config.json");
+        let path = cfg_path.display().to_string();
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Config {
+            path: path.clone(),
+            msg: format!("cannot read: {e}"),
+        })?;
+        let mut v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.clone(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let config = MgmConfig::from_json(&v, &path)?;
+        // the decoder's own config: the same keys under the backbone's model_type
+        let (class, ty) = match config.backbone {
+            mgm_llm::Arch::Llama => ("LlamaForCausalLM", "llama"),
+            mgm_llm::Arch::Gemma => ("GemmaForCausalLM", "gemma"),
+            mgm_llm::Arch::Mixtral => ("MixtralForCausalLM", "mixtral"),
+            mgm_llm::Arch::Mistral => ("MistralForCausalLM", "mistral"),
+        };
+        v["architectures"] = Value::from(vec![class]);
+        v["model_type"] = Value::from(ty);
+        let text_cfg = DecoderConfig::from_json_str(&v.to_string(), &path)?;
+
+        let clip_dir = resolve(dir, &towers.vision_tower, &config.vision_tower);
+        let aux_dir = resolve(dir, &towers.vision_tower_aux, &config.vision_tower_aux);
+        let tower_err = |which: &str, d: &Path, e: String| Error::Config {
+            path: path.clone(),
+            msg: format!("{which} tower {}: {e}", d.display()),
+        };
+        let clip = ClipVisionModel::load_dir(&clip_dir, DType::F32)
+            .map_err(|e| tower_err("mm_vision_tower", &clip_dir, e.to_string()))?;
+        let convnext = ConvNextModel::load_dir(&aux_dir, DType::F32)
+            .map_err(|e| tower_err("mm_vision_tower_aux", &aux_dir, e.to_string()))?;
+        let lr_dim = clip.config().hidden_size;
+        let hr_dim: usize = convnext.config().hidden_sizes.iter().sum();
+        for (key, want, got) in [
+            ("mm_hidden_size", lr_dim, v["mm_hidden_size"].as_u64()),
+            (
+                "mm_hidden_size_aux",
+                hr_dim,
+                v["mm_hidden_size_aux"].as_u64(),
+            ),
+        ] {
+            if got.is_some_and(|g| g as usize != want) {
+                return Err(Error::Config {
+                    path: path.clone(),
+                    msg: format!("{key} is {} but the tower gives {want}", got.unwrap_or(0)),
+                });
+            }
+        }
+        let vs = crate::forward::weights(dir)?.with_dtype(DType::F32);
+        let mining = PatchInfoMining::load(&vs.pp("model"), lr_dim, hr_dim)?;
+        let projector = Projector::load(
+            &vs.pp("model.mm_projector"),
+            config.projector,
+            lr_dim,
+            text_cfg.hidden_size,
+        )?;
+        let lm = CausalLm::load(&vs, &text_cfg)?;
+        vs.finish_ignoring(|n| n.ends_with("rotary_emb.inv_freq"))?;
+        let lm = match quant {
+            Some(f) => lm.quantize(f)?,
+            None => lm,
+        };
+        Ok(Mgm {
+            clip,
+            convnext,
+            mining,
+            projector,
+            lm,
+            config,
+        })
+    }
+
+    /// The multimodal configuration.
+    pub fn config(&self) -> &MgmConfig {
+        &self.config
+    }
+
+    /// The language model.
+    pub fn language_model(&self) -> &CausalLm {
+        &self.lm
+    }
+
+    /// The low-res input MGM derives from the normalized high-res one: bilinear
+    /// (align_corners false, no antialias) to the CLIP tower's size.
+    pub fn derive_low_res(&self, pixel_values_aux: &Tensor) -> Result<Tensor> {
+        let s = self.clip.config().image_size;
+        Ok(pixel_values_aux.interpolate((s, s), InterpolateMode::Bilinear, false)?)
+    }
+
+    /// Every image's tokens `[N, G*G, hidden]`: mined CLIP features, projected. `pixel_values`
+    /// (the CLIP-size input) is derived from `pixel_values_aux` when absent.
+    pub fn image_tokens(
+        &self,
+        pixel_values_aux: &Tensor,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let aux_err = |msg: String| Error::Input {
+            name: "pixel_values_aux".into(),
+            msg,
+        };
+        let s = pixel_values_aux.shape();
+        let n = self.config.image_size_aux;
+        if s.len() != 4 || s[1] != 3 || s[2] != n || s[3] != n {
+            return Err(aux_err(format!(
+                "shape {s:?}, expected [images, 3, {n}, {n}]"
+            )));
+        }
+        let derived;
+        let low = match pixel_values {
+            Some(p) => {
+                if p.rank() != 4 || p.shape()[0] != s[0] {
+                    return Err(Error::Input {
+                        name: "pixel_values".into(),
+                        msg: format!(
+                            "shape {:?}, expected [{}, 3, H, W] like pixel_values_aux",
+                            p.shape(),
+                            s[0]
+                        ),
+                    });
+                }
+                p
+            }
+            None => {
+                derived = self.derive_low_res(pixel_values_aux)?;
+                &derived
+            }
+        };
+        let x_lr = self
+            .clip
+            .feature(low, self.config.select_layer, self.config.keep_cls)?;
+        let x_hr = self.convnext.feature_pyramid(pixel_values_aux)?;
+        let mined = self.mining.forward(&x_lr, &x_hr)?;
+        Ok(self.projector.forward(&mined)?)
+    }
+
+    /// The spliced input embeddings `[1, T', hidden]` of `input_ids` `[1, T]`: each -200 is
+    /// the next image's tokens (Gemma: every row scaled by `sqrt(hidden)`).
+    pub fn embed(&self, input_ids: &Tensor, image_tokens: Option<&Tensor>) -> Result<Tensor> {
+        let err = |msg: String| Error::Input {
+            name: "input_ids".into(),
+            msg,
+        };
+        if input_ids.dtype() != DType::I64 || input_ids.rank() != 2 || input_ids.shape()[0] != 1 {
+            return Err(err(format!(
+                "{:?} {:?}, expected i64 [1, seq] (one prompt)",
+                input_ids.dtype(),
+                input_ids.shape()
+            )));
+        }
+        let ids = input_ids.to_vec::<i64>()?;
+        let n_images = ids.iter().filter(|&&i| i == IMAGE_TOKEN_INDEX).count();
+        let have = image_tokens.map_or(0, |t| t.shape()[0]);
+        if n_images != have {
+            return Err(err(format!(
+                "{n_images} image placeholder(s) ({IMAGE_TOKEN_INDEX}) for {have} image(s)"
+            )));
+        }
+        let text: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|&i| i != IMAGE_TOKEN_INDEX)
+            .collect();
+        let nt = text.len();
+        let emb = if nt > 0 {
+            Some(
+                self.lm
+                    .embed(&Tensor::from_vec(text, &[1, nt])?)?
+                    .squeeze(0)?,
+            )
+        } else {
+            None
+        };
+        let scale = self.lm.embed_scale();
+        let mut pieces = Vec::new();
+        let (mut ti, mut run_start, mut img) = (0usize, 0usize, 0usize);
+        for &id in &ids {
+            if id == IMAGE_TOKEN_INDEX {
+                if ti > run_start {
+                    let e = emb.as_ref().expect("text rows exist");
+                    pieces.push(e.narrow(0, run_start, ti - run_start)?);
+                }
+                let t = image_tokens
+                    .expect("counted above")
+                    .narrow(0, img, 1)?
+                    .squeeze(0)?;
+                pieces.push(match scale {
+                    Some(s) => t.mul_scalar(f64::from(s))?,
+                    None => t,
+                });
+                img += 1;
+                run_start = ti;
+            } else {
+                ti += 1;
+            }
+        }
+        if ti > run_start {
+            let e = emb.as_ref().expect("text rows exist");
+            pieces.push(e.narrow(0, run_start, ti - run_start)?);
+        }
+        Ok(Tensor::cat(&pieces, 0)?.unsqueeze(0)?)
+    }
+
+    /// The logits `[1, T', V]` over the spliced sequence.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        pixel_values_aux: Option<&Tensor>,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let toks = match pixel_values_aux {
+            Some(a) => Some(self.image_tokens(a, pixel_values)?),
+            None => None,
+        };
+        let x = self.embed(input_ids, toks.as_ref())?;
+        Ok(self.lm.forward_embeds(&x, None)?)
+    }
+}

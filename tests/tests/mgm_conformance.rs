@@ -1,0 +1,36 @@
+//! Mini-Gemini against its independent PyTorch implementation: LLaMA and Gemma backbones, one
+//! and two images, the low-res input given or derived, image tokens and mining gradients.
+
+#[test]
+fn mgm_logits_and_mining_gradients_match_the_pytorch_reference() {
+    let dirs = mgm_tests::model_dirs(&mgm_tests::fixtures_dir(), &["mgm_"]);
+    assert_eq!(dirs.len(), 2, "mgm_llama and mgm_gemma: {dirs:?}");
+    for dir in dirs {
+        let report = mgm_tests::mgm::check(&dir).expect("fixture loads and runs");
+        // 2 prompts x (2 logits + tokens), then 12 mining parameters
+        assert_eq!(report.rows.len(), 2 * 3 + 12, "{}", report.table());
+        assert!(
+            report.failures().is_empty(),
+            "mismatches against the reference:\n{}",
+            report.table()
+        );
+    }
+}
+
+#[test]
+fn mgm_placeholder_count_must_match_the_images() {
+    let dir = mgm_tests::fixtures_dir().join("mgm_llama");
+    let m = mgm::minigemini::Mgm::from_dir(&dir, &Default::default(), None).expect("loads");
+    let inputs = mgm_tensor::safetensors::load(dir.join("inputs_2.safetensors")).expect("inputs");
+    let one = inputs["pixel_values_aux"]
+        .narrow(0, 0, 1)
+        .expect("first image");
+    let e = m
+        .forward(&inputs["input_ids"], Some(&one), None)
+        .expect_err("2 placeholders for 1 image")
+        .to_string();
+    assert!(
+        e.contains("2 image placeholder(s) (-200) for 1 image(s)"),
+        "{e}"
+    );
+}
