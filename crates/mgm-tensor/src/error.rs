@@ -130,6 +130,15 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    /// A PyTorch checkpoint (`torch.save` zip with a pickle) is corrupt, truncated, or asks
+    /// for something the restricted unpickler refuses to do.
+    #[error("{path}: {msg}")]
+    TorchCheckpoint {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// A named tensor was not found (in a file or a VarStore).
     #[error("tensor {name:?} not found in {source_desc}")]
     TensorNotFound {

@@ -31,6 +31,7 @@ pub mod safetensors;
 pub mod shape;
 pub mod storage;
 mod tensor;
+pub mod torch_pickle;
 
 pub use autograd::{
     Backward, Gradients, NoGradGuard, Var, attach, is_grad_enabled, needs_grad, no_grad,

@@ -702,7 +702,9 @@ impl ConvNextModel {
 
     /// Loads a model directory: `config.json` (without one, the configuration is read off the
     /// weights, see [`ConvNextConfig::from_weights`]) and the weights from `model.safetensors`,
-    /// a sharded `model.safetensors.index.json`, or OpenCLIP's `open_clip_model.safetensors`.
+    /// a sharded `model.safetensors.index.json`, OpenCLIP's `open_clip_model.safetensors`, or
+    /// OpenCLIP's pickle `open_clip_pytorch_model.bin` (read by
+    /// [`mgm_tensor::torch_pickle`], which rebuilds tensors and runs nothing else).
     pub fn load_dir(dir: impl AsRef<Path>, dtype: DType) -> Result<ConvNextModel> {
         let dir = dir.as_ref();
         let single = ["model.safetensors", "open_clip_model.safetensors"]
@@ -710,16 +712,22 @@ impl ConvNextModel {
             .map(|f| dir.join(f))
             .find(|p| p.exists());
         let index = dir.join("model.safetensors.index.json");
+        let pickle = dir.join("open_clip_pytorch_model.bin");
         let vs = match single {
             Some(file) => VarStore::from_safetensors(&[file])?,
             None if index.exists() => VarStore::from_safetensors_index(&index)?,
+            // OpenCLIP's own download: a torch.save pickle, read by the restricted unpickler
+            None if pickle.exists() => {
+                VarStore::from_tensors(mgm_tensor::torch_pickle::load(&pickle)?)?
+            }
             None => {
                 return Err(Error::Io {
                     path: dir.join("model.safetensors").display().to_string(),
                     source: std::io::Error::new(
                         std::io::ErrorKind::NotFound,
-                        "no model.safetensors, model.safetensors.index.json or \
-                         open_clip_model.safetensors in the model directory",
+                        "no model.safetensors, model.safetensors.index.json, \
+                         open_clip_model.safetensors or open_clip_pytorch_model.bin in the model \
+                         directory",
                     ),
                 });
             }

@@ -518,3 +518,20 @@ fn trainable_store_builds_a_random_model_with_transformers_names() {
             .all(|v| v.is_finite())
     );
 }
+
+/// OpenCLIP's pickle download loads (through the restricted unpickler) to the same network as
+/// the safetensors copy of the same weights: identical multi-stage features.
+#[test]
+fn openclip_pickle_tower_matches_its_safetensors_copy() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let bin = ConvNextModel::load_dir(root.join("convnext_openclip_bin"), DType::F32).unwrap();
+    let st = ConvNextModel::load_dir(root.join("mgm_llama/convnext"), DType::F32).unwrap();
+    assert_eq!(bin.config(), st.config());
+    let x = Tensor::randn(3, &[1, 3, 32, 32], 0.0, 1.0, DType::F32, Device::Cpu).unwrap();
+    let (a, b) = (
+        bin.feature_pyramid(&x).unwrap(),
+        st.feature_pyramid(&x).unwrap(),
+    );
+    assert_eq!(a.shape(), &[1, 80, 8, 8]);
+    assert_eq!(a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+}

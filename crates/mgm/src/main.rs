@@ -51,6 +51,17 @@ enum Cmd {
     },
     /// Generate text with a causal LM, streaming it to stdout as it is produced.
     Generate(GenerateArgs),
+    /// Convert a PyTorch checkpoint (torch.save of a state dict, e.g. OpenCLIP's
+    /// open_clip_pytorch_model.bin) to safetensors, with a restricted unpickler that only
+    /// rebuilds tensors.
+    Convert {
+        /// The .bin / .pt file to read.
+        #[arg(long)]
+        input: PathBuf,
+        /// The .safetensors file to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Quantize a causal LM and save it (loads back without re-quantizing, memory-mapped).
     Quantize {
         /// Model directory to read.
@@ -152,6 +163,21 @@ fn quantize(model: &Path, format: QuantFormat, output: &Path) -> Result<()> {
         format.name(),
         m.weight_bytes() as f64 / 1e6,
         q.weight_bytes() as f64 / 1e6
+    );
+    Ok(())
+}
+
+fn convert(input: &Path, output: &Path) -> Result<()> {
+    let tensors = mgm_tensor::torch_pickle::load(input)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    mgm_tensor::safetensors::save(output, names.iter().map(|n| (n.as_str(), &tensors[*n])))
+        .with_context(|| format!("writing {}", output.display()))?;
+    println!(
+        "{} -> {}: {} tensors",
+        input.display(),
+        output.display(),
+        tensors.len()
     );
     Ok(())
 }
@@ -403,6 +429,7 @@ fn main() -> ExitCode {
             vision_tower_aux,
         ),
         Cmd::Generate(args) => generate(&args),
+        Cmd::Convert { input, output } => convert(&input, &output),
         Cmd::Quantize {
             model,
             quant,

@@ -235,3 +235,35 @@ fn forward_runs_mgm_with_and_without_the_low_res_input() {
         &["mm_vision_tower_aux", "/nonexistent/convnext"],
     );
 }
+
+#[test]
+fn convert_writes_the_pickles_tensors_and_refuses_foreign_globals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("state.safetensors");
+    let o = mgm(&[
+        "convert",
+        "--input",
+        fixture("torch_pickle").join("state.bin").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = mgm_tensor::safetensors::load(&out).unwrap();
+    let want =
+        mgm_tensor::safetensors::load(fixture("torch_pickle").join("state.safetensors")).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (k, w) in &want {
+        assert_eq!(got[k].to_vec_f64().unwrap(), w.to_vec_f64().unwrap(), "{k}");
+    }
+    let not_zip = fixture("torch_pickle").join("state.safetensors");
+    assert_one_error_line(
+        &mgm(&[
+            "convert",
+            "--input",
+            not_zip.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]),
+        &["state.safetensors", "not a torch.save zip archive"],
+    );
+}
