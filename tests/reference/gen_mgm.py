@@ -153,9 +153,9 @@ def splice(llm, ids, tokens, gemma, hidden):
     return torch.cat(pieces, 0)[None]
 
 
-def case(name, gemma, seed):
+def build(out, gemma, seed, vocab, max_pos=64):
+    """Writes an MGM checkpoint with its towers into `out`; returns the modules."""
     g = torch.Generator().manual_seed(seed)
-    out = os.path.normpath(os.path.join(FIXTURES, name))
     if os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out)
@@ -174,13 +174,14 @@ def case(name, gemma, seed):
               os.path.join(out, "convnext", "open_clip_model.safetensors"), metadata={"format": "pt"})
     if gemma:
         hidden = 32
-        tc = GemmaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+        tc = GemmaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
         llm = GemmaForCausalLM(tc).eval()
     else:
         hidden = 24
-        tc = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=6, max_position_embeddings=64)
+        tc = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=6, max_position_embeddings=max_pos,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
         llm = LlamaForCausalLM(tc).eval()
     randomize(llm, g, gemma_norm=gemma)
     p = mm_params(g, hidden)
@@ -204,7 +205,12 @@ def case(name, gemma, seed):
     import json
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return g, clip, trunk, llm, p, hidden
 
+
+def case(name, gemma, seed):
+    out = os.path.normpath(os.path.join(FIXTURES, name))
+    g, clip, trunk, llm, p, hidden = build(out, gemma, seed, VOCAB)
     with torch.inference_mode():
         for n in (1, 2):
             ids = [2 if gemma else 1]
@@ -236,6 +242,65 @@ def case(name, gemma, seed):
     print(f"{name}: {size:.1f} KB")
 
 
+def example():
+    """examples/tiny-mgm: a tiny MGM (LLaMA backbone, random weights) with the BPE tokenizer of
+    tests/fixtures/tokenizer_bpe (vocab 401), and generate.safetensors: the reference's greedy
+    decoding (8 tokens, full recompute per step; every step's best logit beats the second by
+    >= 1e-3, the seed chosen until it does) for examples/images/shapes.png (made by gen_llava.py)
+    with the vicuna_v1 template around "<image>\nWhat colour is the square?". The image is
+    padded to a square with (122, 116, 104) (LLaVA's expand2square with the CLIP mean colour),
+    preprocessed by CLIPImageProcessor at image_size_aux 32, and the low-res view derived from it.
+    Stored: `input_ids` (-200 for the image), `pixel_values_aux`, `output_ids` (new tokens)."""
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    root = os.path.normpath(os.path.join(FIXTURES, "..", "..", "examples"))
+    tok_src = os.path.normpath(os.path.join(FIXTURES, "tokenizer_bpe"))
+    tok = AutoTokenizer.from_pretrained(tok_src)
+    img = Image.open(os.path.join(root, "images", "shapes.png")).convert("RGB")
+    side = max(img.size)
+    square = Image.new("RGB", (side, side), (122, 116, 104))
+    square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    processor = CLIPImageProcessor(size={"shortest_edge": HR_IMAGE}, crop_size={"height": HR_IMAGE, "width": HR_IMAGE})
+    aux = processor(images=square, return_tensors="pt")["pixel_values"]
+    q = "<image>\nWhat colour is the square?"
+    text = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+            "helpful, detailed, and polite answers to the user's questions. USER: " + q + " ASSISTANT:")
+    ids = []
+    for i, chunk in enumerate(text.split("<image>")):
+        if i > 0:
+            ids.append(IMAGE)
+        if chunk or i == 0:
+            ids += tok(chunk, add_special_tokens=(i == 0))["input_ids"]
+    out = os.path.join(root, "tiny-mgm")
+    for seed in range(300, 400):
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.makedirs(out)
+        g, clip, trunk, llm, p, hidden = build(out, False, seed, 401, max_pos=256)
+        with torch.inference_mode():
+            low = F.interpolate(aux, size=(LR, LR), mode="bilinear", align_corners=False)
+            toks = image_tokens(p, clip, trunk, low, aux)
+            cur, new, ok = list(ids), [], True
+            for _ in range(8):
+                logits = llm(inputs_embeds=splice(llm, cur, toks, False, hidden)).logits[0, -1]
+                top = torch.topk(logits, 2).values
+                ok = ok and float(top[0] - top[1]) >= 1e-3
+                nxt = int(logits.argmax())
+                new.append(nxt)
+                cur.append(nxt)
+        if ok and 2 not in new:
+            break
+    else:
+        sys.exit("no seed in 300..400 gives clear greedy margins")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tok_src, f), os.path.join(out, f))
+    save_file({"input_ids": torch.tensor([ids]), "pixel_values_aux": aux, "output_ids": torch.tensor([new])},
+              os.path.join(out, "generate.safetensors"), metadata=META)
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs) / 1024
+    print(f"examples/tiny-mgm: seed {seed}, {size:.1f} KB; output {new}")
+
+
 def main():
     check_versions()
     torch.set_num_threads(1)
@@ -243,6 +308,7 @@ def main():
     transformers.utils.logging.disable_progress_bar()
     case("mgm_llama", False, 41)
     case("mgm_gemma", True, 42)
+    example()
 
 
 if __name__ == "__main__":

@@ -300,26 +300,22 @@ impl Llava {
 pub const IMAGE_MARKER: &str = "<image>";
 
 /// Token ids of `prompt` for `n_images` images: each `<image>` marker becomes
-/// `tokens_per_image` copies of `image_token`, the text between markers is encoded chunk by
-/// chunk (only the first chunk gets the tokenizer's special tokens, i.e. BOS, and only when
-/// `add_special`: a rendered chat template holds its own), as LLaVA's and MGM's
-/// `tokenizer_image_token` do. A prompt without markers gets one `<image>\n` per image in
-/// front (as MGM's CLI does); any other count that differs from `n_images` is an error.
-/// Returns the ids and the text tokens alone (for the repetition penalty).
+/// `tokens_per_image` copies of `image_token` (LLaVA: its image token once per feature; MGM: -200
+/// once per image), the text between markers is encoded chunk by chunk (only the first chunk
+/// gets the tokenizer's special tokens, i.e. BOS, and only when `add_special`: a rendered chat
+/// template holds its own), as LLaVA's and MGM's `tokenizer_image_token` do. A prompt without
+/// markers must be given them first ([`with_markers`]); a count that differs from `n_images`
+/// is an error. Returns the ids and the text tokens alone (for the repetition penalty).
 pub fn prompt_ids(
     tok: &mgm_llm::Tokenizer,
     prompt: &str,
     n_images: usize,
     tokens_per_image: usize,
-    image_token: u32,
+    image_token: i64,
     add_special: bool,
-) -> Result<(Vec<u32>, Vec<u32>)> {
+) -> Result<(Vec<i64>, Vec<u32>)> {
     let markers = prompt.matches(IMAGE_MARKER).count();
-    let owned;
-    let prompt = if markers == 0 && n_images > 0 {
-        owned = format!("{}{prompt}", format!("{IMAGE_MARKER}\n").repeat(n_images));
-        owned.as_str()
-    } else if markers != n_images {
+    if markers != n_images {
         return Err(Error::Input {
             name: "prompt".into(),
             msg: format!(
@@ -327,9 +323,7 @@ pub fn prompt_ids(
                  marker"
             ),
         });
-    } else {
-        prompt
-    };
+    }
     let (mut ids, mut text) = (Vec::new(), Vec::new());
     for (i, chunk) in prompt.split(IMAGE_MARKER).enumerate() {
         if i > 0 {
@@ -339,8 +333,49 @@ pub fn prompt_ids(
             continue;
         }
         let t = tok.encode(chunk, add_special && i == 0)?;
-        text.extend(&t);
-        ids.extend(t);
+        ids.extend(t.iter().map(|&x| i64::from(x)));
+        text.extend(t);
     }
     Ok((ids, text))
+}
+
+/// `prompt` as the user gave it when it holds `<image>` markers; otherwise the images go in
+/// front as MGM's CLI puts them: `<image>\n` for one, `Image 1:<image>\nImage 2:<image>\n...`
+/// for several.
+pub fn with_markers(prompt: &str, n_images: usize) -> String {
+    if n_images == 0 || prompt.contains(IMAGE_MARKER) {
+        return prompt.to_string();
+    }
+    let front: String = if n_images == 1 {
+        format!("{IMAGE_MARKER}\n")
+    } else {
+        (1..=n_images)
+            .map(|k| format!("Image {k}:{IMAGE_MARKER}\n"))
+            .collect()
+    };
+    format!("{front}{prompt}")
+}
+
+/// MGM's conversation templates (DESIGN.md section 1) around one user turn `q` (which holds
+/// the `<image>` markers): `vicuna_v1`, `gemma`, and `llama_3` (Llama-3 Instruct's turn format,
+/// without a system turn). BOS is not part of them: the tokenizer adds it to the first chunk.
+pub fn conversation(template: &str, q: &str) -> Result<String> {
+    Ok(match template {
+        "vicuna_v1" => format!(
+            "A chat between a curious user and an artificial intelligence assistant. The \
+             assistant gives helpful, detailed, and polite answers to the user's questions. \
+             USER: {q} ASSISTANT:"
+        ),
+        "gemma" => format!("<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n"),
+        "llama_3" => format!(
+            "<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+        other => {
+            return Err(Error::Input {
+                name: "--template".into(),
+                msg: format!("{other:?} is not a template (vicuna_v1, gemma, llama_3)"),
+            });
+        }
+    })
 }

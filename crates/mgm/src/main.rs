@@ -125,6 +125,91 @@ struct GenerateArgs {
     /// Images larger than this many pixels are refused before decoding.
     #[arg(long, default_value_t = 64_000_000)]
     max_image_pixels: usize,
+    /// Wrap --prompt in one of MGM's conversation templates: vicuna_v1, gemma or llama_3.
+    #[arg(long, conflicts_with = "chat")]
+    template: Option<String>,
+    /// An MGM model's CLIP tower directory (default: the config's mm_vision_tower).
+    #[arg(long)]
+    vision_tower: Option<PathBuf>,
+    /// An MGM model's ConvNeXt tower directory (default: mm_vision_tower_aux).
+    #[arg(long)]
+    vision_tower_aux: Option<PathBuf>,
+}
+
+/// The prompt text with markers and the template or chat template applied; whether the
+/// tokenizer should still add its special tokens (BOS) to the first chunk.
+fn vision_prompt(
+    a: &GenerateArgs,
+    tok: &mgm_llm::Tokenizer,
+    n_images: usize,
+    front: impl Fn(&str, usize) -> String,
+) -> Result<(String, bool)> {
+    let prompt = a
+        .prompt
+        .as_deref()
+        .context("a vision-language model needs --prompt TEXT")?;
+    let q = front(prompt, n_images);
+    Ok(match (&a.template, a.chat) {
+        (Some(t), _) => (mgm::llava::conversation(t, &q)?, true),
+        (None, true) => (
+            tok.apply_chat_template(&[mgm_llm::Message::new("user", q.as_str())], true)?,
+            false, // a rendered chat template holds its own BOS
+        ),
+        (None, false) => (q, true),
+    })
+}
+
+/// Loads the images, each refused over the pixel limit before decoding.
+fn load_images(
+    a: &GenerateArgs,
+    alpha: mgm_vision::preprocess::AlphaMode,
+) -> Result<Vec<mgm_vision::RgbImage>> {
+    a.images
+        .iter()
+        .map(|p| {
+            Ok(mgm_vision::preprocess::load_image_limited(
+                p,
+                alpha,
+                a.max_image_pixels,
+            )?)
+        })
+        .collect()
+}
+
+/// `mgm generate` on an MGM checkpoint: each image padded to a square with the CLIP mean
+/// colour and preprocessed at `image_size_aux` (the low-res view derived from it as MGM does),
+/// one -200 per `<image>` marker.
+fn generate_mgm(a: &GenerateArgs) -> Result<()> {
+    use mgm::minigemini::{IMAGE_TOKEN_INDEX, Mgm, TowerDirs};
+    use mgm_vision::ImageProcessor;
+    let towers = TowerDirs {
+        vision_tower: a.vision_tower.clone(),
+        vision_tower_aux: a.vision_tower_aux.clone(),
+    };
+    let model = Mgm::from_dir(&a.model, &towers, a.quant)?;
+    let tok = mgm_llm::Tokenizer::from_dir(&a.model)?;
+    let processor = ImageProcessor::clip(model.config().image_size_aux);
+    let images = load_images(a, processor.alpha)?;
+    let (text, special) = vision_prompt(a, &tok, images.len(), mgm::llava::with_markers)?;
+    let (ids, history) =
+        mgm::llava::prompt_ids(&tok, &text, images.len(), 1, IMAGE_TOKEN_INDEX, special)?;
+    let t = ids.len();
+    let tokens = if images.is_empty() {
+        None
+    } else {
+        Some(model.image_tokens(&processor.preprocess_padded(&images)?, None)?)
+    };
+    let embeds = model.embed(
+        &mgm_tensor::Tensor::from_vec(ids, &[1, t])?,
+        tokens.as_ref(),
+    )?;
+    let lm = model.language_model();
+    let opts = generate_options(a, lm, Some(&tok));
+    stream(
+        mgm_llm::Generation::from_embeds(lm, &embeds, vec![history], opts)?,
+        Some(&tok),
+        a.print_ids,
+    )
 }
 
 fn parse_quant(s: &str) -> std::result::Result<QuantFormat, String> {
@@ -316,13 +401,9 @@ fn stream(
 /// `mgm generate` on a LLaVA checkpoint: images preprocessed as its preprocessor_config.json
 /// says (CLIP's processor at the tower's size when there is none), `<image>` markers expanded.
 fn generate_llava(a: &GenerateArgs) -> Result<()> {
-    use mgm_llm::{Generation, Message, Tokenizer};
-    use mgm_vision::preprocess::{ImageProcessor, load_image_limited};
+    use mgm_llm::{Generation, Tokenizer};
+    use mgm_vision::preprocess::ImageProcessor;
     let llava = mgm::llava::Llava::from_dir(&a.model, a.quant)?;
-    let prompt = a
-        .prompt
-        .as_deref()
-        .context("a vision-language model needs --prompt TEXT")?;
     let tok = Tokenizer::from_dir(&a.model)?;
     let pre = a.model.join("preprocessor_config.json");
     let processor = if pre.exists() {
@@ -330,25 +411,24 @@ fn generate_llava(a: &GenerateArgs) -> Result<()> {
     } else {
         ImageProcessor::clip(llava.vision_tower().config().image_size)
     };
-    let images = a
-        .images
-        .iter()
-        .map(|p| load_image_limited(p, processor.alpha, a.max_image_pixels))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let text = if a.chat {
-        tok.apply_chat_template(&[Message::new("user", prompt)], true)?
-    } else {
-        prompt.to_string()
+    let images = load_images(a, processor.alpha)?;
+    // LLaVA's convention for images without markers: `<image>\n` per image in front
+    let front = |p: &str, n: usize| {
+        if p.contains(mgm::llava::IMAGE_MARKER) {
+            p.to_string()
+        } else {
+            format!("{}{p}", format!("{}\n", mgm::llava::IMAGE_MARKER).repeat(n))
+        }
     };
+    let (text, special) = vision_prompt(a, &tok, images.len(), front)?;
     let (ids, history) = mgm::llava::prompt_ids(
         &tok,
         &text,
         images.len(),
         llava.tokens_per_image(),
-        llava.config().image_token_id,
-        !a.chat, // a rendered chat template holds its own BOS
+        i64::from(llava.config().image_token_id),
+        special,
     )?;
-    let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
     let t = ids.len();
     let pixels = (!images.is_empty())
         .then(|| processor.preprocess(&images))
@@ -371,6 +451,9 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     let arch = mgm::forward::architecture(&a.model.join("config.json"))?;
     if arch == "LlavaForConditionalGeneration" {
         return generate_llava(a);
+    }
+    if arch.starts_with("MGM") {
+        return generate_mgm(a);
     }
     anyhow::ensure!(
         a.images.is_empty(),

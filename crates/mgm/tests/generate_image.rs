@@ -142,3 +142,73 @@ fn bad_images_and_prompts_are_one_error_line() {
         &["--image needs a vision-language model", "LlamaForCausalLM"],
     );
 }
+
+/// The committed tiny MGM (examples/tiny-mgm) against the independent PyTorch MGM of
+/// gen_mgm.py: the PNG padded to a square and preprocessed at image_size_aux, the low-res view
+/// derived, -200 spliced, the vicuna_v1 template; greedy ids identical.
+#[test]
+fn mgm_generate_prints_the_reference_ids_from_a_png() {
+    let model = example("tiny-mgm");
+    let image = example("images/shapes.png");
+    let g = mgm_tensor::safetensors::load(model.join("generate.safetensors")).unwrap();
+    let want: Vec<i64> = g["output_ids"]
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let m = model.to_str().unwrap();
+    let img = image.to_str().unwrap();
+    let out = mgm(&[
+        "generate",
+        "--model",
+        m,
+        "--image",
+        img,
+        "--prompt",
+        "What colour is the square?",
+        "--template",
+        "vicuna_v1",
+        "--max-new-tokens",
+        "8",
+        "--print-ids",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<i64> = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    assert_one_error_line(
+        &mgm(&[
+            "generate",
+            "--model",
+            m,
+            "--image",
+            img,
+            "--prompt",
+            "hi",
+            "--template",
+            "chatml",
+        ]),
+        &["--template", "chatml", "vicuna_v1, gemma, llama_3"],
+    );
+    assert_one_error_line(
+        &mgm(&[
+            "generate",
+            "--model",
+            m,
+            "--image",
+            img,
+            "--image",
+            img,
+            "--prompt",
+            "<image> only one",
+        ]),
+        &["1 <image> marker(s) for 2 image(s)"],
+    );
+}
