@@ -26,6 +26,11 @@ architectures MGMLlamaForCausalLM / MGMGemmaForCausalLM and the mm_* keys (tower
 relative paths `clip`, `convnext`); model.safetensors holds the LLM's weights and
 `model.mm_projector.{0,2}.*`, `model.vlm_uni_{query,aux,val}_projector.{0,1}.*`.
 
+Case mgm_hd is the HD variant (LLaMA backbone, image_grid 2, image_global true): the 56 px low-res
+input and the 64 px high-res image's map are each cut into 2 x 2 crops (sliced here) plus a
+global view resized bilinearly to a crop's size, every view mined on its own, tokens ordered
+[global, crop (0, 0), (0, 1), (1, 0), (1, 1)] per image (20 per image).
+
 Sizes: CLIP 28 px / patch 14 (a 2 x 2 grid, width 16, 3 layers); ConvNeXt at 32 px, depths
 [1, 1, 1, 1], dims [8, 16, 24, 32] (80 channels on an 8 x 8 map, so M = 4); LLM width 24 (Gemma
 32), vocab 96. Each case holds inputs_{1,2}.safetensors (`input_ids` int64 [1, T] with one or two
@@ -111,15 +116,16 @@ def mm_params(g, hidden):
     return p
 
 
-def image_tokens(p, clip, trunk, pixel_values, pixel_values_aux):
-    x_lr = clip(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+def pyramid(trunk, pixel_values_aux):
     hs = [trunk.stem(pixel_values_aux)]
     for stage in trunk.stages:
         hs.append(stage(hs[-1]))
     stages = hs[1:]
     size = stages[0].shape[-2:]
-    x_hr = torch.cat([F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False) for s in stages], 1)
+    return torch.cat([F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False) for s in stages], 1)
 
+
+def mine(p, x_lr, x_hr):
     def norm_linear(which, x):
         pre = f"model.vlm_uni_{which}_projector"
         h = F.layer_norm(x, [x.shape[-1]], p[f"{pre}.0.weight"], p[f"{pre}.0.bias"], 1e-5)
@@ -134,6 +140,36 @@ def image_tokens(p, clip, trunk, pixel_values, pixel_values_aux):
     mined = x_lr + torch.einsum("nwk,nwkd->nwd", s.softmax(-1), v)
     h = F.gelu(mined @ p["model.mm_projector.0.weight"].T + p["model.mm_projector.0.bias"])
     return h @ p["model.mm_projector.2.weight"].T + p["model.mm_projector.2.bias"]
+
+
+def lowres_features(clip, pixel_values):
+    return clip(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+
+
+def image_tokens(p, clip, trunk, pixel_values, pixel_values_aux):
+    return mine(p, lowres_features(clip, pixel_values), pyramid(trunk, pixel_values_aux))
+
+
+def hd_views(x, g):
+    """Per image: the global view (x resized bilinearly to a crop's size), then the g x g crops
+    row by row, each cut out by slicing."""
+    n, _, hh, ww = x.shape
+    h, w = hh // g, ww // g
+    out = []
+    for i in range(n):
+        out.append(F.interpolate(x[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0])
+        for r in range(g):
+            for c in range(g):
+                out.append(x[i, :, r * h:(r + 1) * h, c * w:(c + 1) * w])
+    return torch.stack(out)
+
+
+def hd_image_tokens(p, clip, trunk, pixel_values, pixel_values_aux, g):
+    x_lr = lowres_features(clip, hd_views(pixel_values, g))
+    x_hr = hd_views(pyramid(trunk, pixel_values_aux), g)
+    toks = mine(p, x_lr, x_hr)
+    n = pixel_values.shape[0]
+    return toks.reshape(n, -1, toks.shape[-1])
 
 
 def splice(llm, ids, tokens, gemma, hidden):
@@ -153,7 +189,7 @@ def splice(llm, ids, tokens, gemma, hidden):
     return torch.cat(pieces, 0)[None]
 
 
-def build(out, gemma, seed, vocab, max_pos=64):
+def build(out, gemma, seed, vocab, max_pos=64, hd=False):
     """Writes an MGM checkpoint with its towers into `out`; returns the modules."""
     g = torch.Generator().manual_seed(seed)
     if os.path.isdir(out):
@@ -198,8 +234,8 @@ def build(out, gemma, seed, vocab, max_pos=64):
         "model_type": "mgm_gemma" if gemma else "mgm",
         "mm_vision_tower": "clip", "mm_vision_tower_aux": "convnext", "mm_projector_type": "mlp2x_gelu",
         "mm_hidden_size": D_LR, "mm_hidden_size_aux": sum(DIMS), "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch", "image_size_aux": HR_IMAGE, "image_grid": 1,
-        "image_global": False, "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "image_size_aux": HR_IMAGE * (2 if hd else 1),
+        "image_grid": 2 if hd else 1, "image_global": hd, "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
         "mm_use_im_patch_token": False,
     })
     import json
@@ -208,21 +244,23 @@ def build(out, gemma, seed, vocab, max_pos=64):
     return g, clip, trunk, llm, p, hidden
 
 
-def case(name, gemma, seed):
+def case(name, gemma, seed, hd=False):
     out = os.path.normpath(os.path.join(FIXTURES, name))
-    g, clip, trunk, llm, p, hidden = build(out, gemma, seed, VOCAB)
+    g, clip, trunk, llm, p, hidden = build(out, gemma, seed, VOCAB, hd=hd)
+    k = 2 if hd else 1
+    tokens_of = (lambda lo, au: hd_image_tokens(p, clip, trunk, lo, au, 2)) if hd else (lambda lo, au: image_tokens(p, clip, trunk, lo, au))
     with torch.inference_mode():
         for n in (1, 2):
             ids = [2 if gemma else 1]
             for _ in range(n):
                 ids += torch.randint(3, VOCAB, (3,), generator=g).tolist() + [IMAGE]
             ids += torch.randint(3, VOCAB, (4,), generator=g).tolist()
-            aux = torch.randn(n, 3, HR_IMAGE, HR_IMAGE, generator=g)
-            lowres = torch.randn(n, 3, LR, LR, generator=g)
-            derived = F.interpolate(aux, size=(LR, LR), mode="bilinear", align_corners=False)
-            toks = image_tokens(p, clip, trunk, lowres, aux)
+            aux = torch.randn(n, 3, k * HR_IMAGE, k * HR_IMAGE, generator=g)
+            lowres = torch.randn(n, 3, k * LR, k * LR, generator=g)
+            derived = F.interpolate(aux, size=(k * LR, k * LR), mode="bilinear", align_corners=False)
+            toks = tokens_of(lowres, aux)
             logits = llm(inputs_embeds=splice(llm, ids, toks, gemma, hidden)).logits
-            toks_d = image_tokens(p, clip, trunk, derived, aux)
+            toks_d = tokens_of(derived, aux)
             logits_d = llm(inputs_embeds=splice(llm, ids, toks_d, gemma, hidden)).logits
             save_file({"input_ids": torch.tensor([ids]), "pixel_values_aux": aux, "pixel_values": lowres},
                       os.path.join(out, f"inputs_{n}.safetensors"), metadata=META)
@@ -232,8 +270,9 @@ def case(name, gemma, seed):
     for m in (clip, trunk, llm):
         m.requires_grad_(False)
     leaves = {k: v.clone().requires_grad_(True) for k, v in p.items()}
-    cot = torch.randn(2, G * G, hidden, generator=g)
-    toks = image_tokens(leaves, clip, trunk, lowres.clone(), aux.clone())
+    cot = torch.randn(2, G * G * (5 if hd else 1), hidden, generator=g)
+    toks = (hd_image_tokens(leaves, clip, trunk, lowres.clone(), aux.clone(), 2) if hd
+            else image_tokens(leaves, clip, trunk, lowres.clone(), aux.clone()))
     (toks * cot).sum().backward()
     grads = {f"grad.{k}": v.grad for k, v in leaves.items() if "vlm_uni" in k}
     grads["cotangent"] = cot
@@ -308,6 +347,7 @@ def main():
     transformers.utils.logging.disable_progress_bar()
     case("mgm_llama", False, 41)
     case("mgm_gemma", True, 42)
+    case("mgm_hd", False, 43, hd=True)
     example()
 
 

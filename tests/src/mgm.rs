@@ -1,16 +1,12 @@
 //! mgm's Mini-Gemini against the independent PyTorch implementation of `reference/gen_mgm.py`:
 //! logits over the spliced sequence (low-res input given and derived from the high-res one),
-//! the image tokens, and the gradients of the mining layers.
+//! the image tokens, and the gradients of the mining layers; normal and HD.
 
 use std::path::Path;
 
 use mgm::minigemini::{Mgm, TowerDirs};
-use mgm_fusion::{PatchInfoMining, Projector, ProjectorType};
-use mgm_tensor::nn::VarStore;
+use mgm_tensor::Var;
 use mgm_tensor::safetensors::load;
-use mgm_tensor::{DType, Var};
-use mgm_vision::clip::ClipVisionModel;
-use mgm_vision::convnext::ConvNextModel;
 
 use crate::{Comparison, Report};
 
@@ -79,31 +75,15 @@ pub fn check(dir: &Path) -> mgm::Result<Report> {
             TOL,
         ));
     }
-    // gradients of the mining layers, the towers frozen (the two-image inputs)
+    // gradients of the mining layers, the towers and decoder frozen (the two-image inputs)
     let inputs = load(dir.join("inputs_2.safetensors"))?;
     let grads_ref = load(dir.join("grads.safetensors"))?;
-    let clip = ClipVisionModel::load_dir(dir.join("clip"), DType::F32)?;
-    let convnext = ConvNextModel::load_dir(dir.join("convnext"), DType::F32)?;
-    let vs = VarStore::from_safetensors(&[dir.join("model.safetensors")])?.trainable(0);
-    let (lr, hr) = (
-        clip.config().hidden_size,
-        convnext.config().hidden_sizes.iter().sum::<usize>(),
-    );
-    let mining = PatchInfoMining::load(&vs.pp("model"), lr, hr)?;
+    let train = Mgm::from_dir_train_fusion(dir, &TowerDirs::default())?;
     let cot = get(&grads_ref, "cotangent", "grads.safetensors")?;
-    let hidden = cot.shape()[2];
-    let projector = Projector::load(
-        &vs.pp("model.mm_projector"),
-        ProjectorType::parse("mlp2x_gelu")?,
-        lr,
-        hidden,
-    )?;
-    let x_lr = clip.feature(&inputs["pixel_values"], -2, false)?;
-    let x_hr = convnext.feature_pyramid(&inputs["pixel_values_aux"])?;
-    let toks = projector.forward(&mining.forward(&x_lr, &x_hr)?)?;
+    let toks = train.image_tokens(&inputs["pixel_values_aux"], Some(&inputs["pixel_values"]))?;
     let grads = toks.mul(&cot)?.sum_all()?.backward()?;
-    let vars: Vec<(String, Var)> = vs
-        .all_vars()
+    let vars: Vec<(String, Var)> = train
+        .fusion_vars()
         .into_iter()
         .filter(|(n, _)| n.contains("vlm_uni"))
         .collect();

@@ -11,8 +11,11 @@
 //! `open_clip_model.safetensors` (OpenCLIP names; its shape is read off the weights) or a
 //! transformers ConvNextModel. Each `-200` in `input_ids` is one image and becomes its mined,
 //! projected tokens; Gemma scales every input row, image rows included, by `sqrt(hidden)`.
-//! The HD variant (`image_grid` 2 with a global view) is not implemented yet: such a config is
-//! an error.
+//! The HD variant (`image_grid` g > 1 with `image_global`): the low-res input is g times the
+//! CLIP size and cut into g x g crops plus a global view resized to the CLIP size; the high-res
+//! map is cut the same way and its global view is the map resized (bilinear) to a crop's size;
+//! each view is mined on its own and the tokens are ordered [global, crop (0, 0), (0, 1), ...]
+//! per image (DESIGN.md section 1).
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +48,8 @@ pub struct MgmConfig {
     pub vision_tower_aux: String,
     /// The high-res input size (`image_size_aux`).
     pub image_size_aux: usize,
+    /// Crops per side of the HD variant (`image_grid`; 1: the normal variant).
+    pub image_grid: usize,
 }
 
 impl MgmConfig {
@@ -67,11 +72,12 @@ impl MgmConfig {
                 )));
             }
         };
-        let grid = v["image_grid"].as_u64().unwrap_or(1);
-        if grid != 1 || v["image_global"].as_bool().unwrap_or(false) {
+        let grid = v["image_grid"].as_u64().unwrap_or(1) as usize;
+        let global = v["image_global"].as_bool().unwrap_or(false);
+        if grid == 0 || (grid > 1) != global {
             return Err(err(format!(
-                "the HD variant (image_grid {grid}, image_global {}) is not supported yet",
-                v["image_global"]
+                "image_grid {grid} with image_global {global}: the normal variant is grid 1 \
+                 without a global view, the HD variant a grid > 1 with one"
             )));
         }
         let keep_cls = match v["mm_vision_select_feature"].as_str().unwrap_or("patch") {
@@ -94,6 +100,7 @@ impl MgmConfig {
             image_size_aux: v["image_size_aux"]
                 .as_u64()
                 .ok_or_else(|| missing("image_size_aux"))? as usize,
+            image_grid: grid,
         })
     }
 }
@@ -116,6 +123,8 @@ pub struct Mgm {
     projector: Projector,
     lm: CausalLm,
     config: MgmConfig,
+    /// The trainable store of the mining and projector parameters, when loaded for training.
+    fusion_vs: Option<mgm_tensor::nn::VarStore>,
 }
 
 fn resolve(dir: &Path, given: &Option<PathBuf>, from_config: &str) -> PathBuf {
@@ -135,6 +144,30 @@ fn resolve(dir: &Path, given: &Option<PathBuf>, from_config: &str) -> PathBuf {
 impl Mgm {
     /// Loads an MGM checkpoint directory and its towers; `quant` quantizes the decoder.
     pub fn from_dir(dir: &Path, towers: &TowerDirs, quant: Option<QuantFormat>) -> Result<Mgm> {
+        Self::load(dir, towers, quant, false)
+    }
+
+    /// [`Mgm::from_dir`] with the mining and projector parameters trainable (stage 1 of MGM's
+    /// training: towers and decoder frozen); [`Mgm::fusion_vars`] lists them.
+    pub fn from_dir_train_fusion(dir: &Path, towers: &TowerDirs) -> Result<Mgm> {
+        Self::load(dir, towers, None, true)
+    }
+
+    /// The trainable mining and projector parameters by checkpoint name (empty unless loaded
+    /// with [`Mgm::from_dir_train_fusion`]).
+    pub fn fusion_vars(&self) -> Vec<(String, mgm_tensor::Var)> {
+        self.fusion_vs
+            .as_ref()
+            .map(|vs| vs.all_vars())
+            .unwrap_or_default()
+    }
+
+    fn load(
+        dir: &Path,
+        towers: &TowerDirs,
+        quant: Option<QuantFormat>,
+        train_fusion: bool,
+    ) -> Result<Mgm> {
         let cfg_path = dir.join("config.json");
         let path = cfg_path.display().to_string();
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Config {
@@ -185,15 +218,18 @@ impl Mgm {
             }
         }
         let vs = crate::forward::weights(dir)?.with_dtype(DType::F32);
-        let mining = PatchInfoMining::load(&vs.pp("model"), lr_dim, hr_dim)?;
+        let fusion_vs = train_fusion.then(|| vs.trainable(0));
+        let fvs = fusion_vs.as_ref().unwrap_or(&vs);
+        let mining = PatchInfoMining::load(&fvs.pp("model"), lr_dim, hr_dim)?;
         let projector = Projector::load(
-            &vs.pp("model.mm_projector"),
+            &fvs.pp("model.mm_projector"),
             config.projector,
             lr_dim,
             text_cfg.hidden_size,
         )?;
         let lm = CausalLm::load(&vs, &text_cfg)?;
-        vs.finish_ignoring(|n| n.ends_with("rotary_emb.inv_freq"))?;
+        let fusion = |n: &str| n.contains("vlm_uni_") || n.contains("mm_projector");
+        vs.finish_ignoring(|n| n.ends_with("rotary_emb.inv_freq") || (train_fusion && fusion(n)))?;
         let lm = match quant {
             Some(f) => lm.quantize(f)?,
             None => lm,
@@ -205,6 +241,7 @@ impl Mgm {
             projector,
             lm,
             config,
+            fusion_vs,
         })
     }
 
@@ -219,14 +256,38 @@ impl Mgm {
     }
 
     /// The low-res input MGM derives from the normalized high-res one: bilinear
-    /// (align_corners false, no antialias) to the CLIP tower's size.
+    /// (align_corners false, no antialias) to the CLIP tower's size (times `image_grid`).
     pub fn derive_low_res(&self, pixel_values_aux: &Tensor) -> Result<Tensor> {
-        let s = self.clip.config().image_size;
+        let s = self.clip.config().image_size * self.config.image_grid;
         Ok(pixel_values_aux.interpolate((s, s), InterpolateMode::Bilinear, false)?)
     }
 
-    /// Every image's tokens `[N, G*G, hidden]`: mined CLIP features, projected. `pixel_values`
-    /// (the CLIP-size input) is derived from `pixel_values_aux` when absent.
+    /// HD views of `x` `[N, C, g*h, g*w]`: per image the global view (`x` resized to `h x w`)
+    /// then the g x g crops row by row, `[N * (1 + g*g), C, h, w]`.
+    fn hd_views(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.config.image_grid;
+        let s = x.shape().to_vec();
+        let (n, c, hh, ww) = (s[0], s[1], s[2], s[3]);
+        if hh % g != 0 || ww % g != 0 {
+            return Err(Error::Input {
+                name: "pixel_values".into(),
+                msg: format!("{hh} x {ww} does not split into {g} x {g} crops"),
+            });
+        }
+        let (h, w) = (hh / g, ww / g);
+        let global = x
+            .interpolate((h, w), InterpolateMode::Bilinear, false)?
+            .unsqueeze(1)?;
+        let crops = x
+            .reshape(&[n, c, g, h, g, w])?
+            .permute(&[0, 2, 4, 1, 3, 5])?
+            .reshape(&[n, g * g, c, h, w])?;
+        Ok(Tensor::cat(&[global, crops], 1)?.reshape(&[n * (1 + g * g), c, h, w])?)
+    }
+
+    /// Every image's tokens `[N, tokens, hidden]` (`G*G` tokens, times `1 + g*g` views in HD):
+    /// mined CLIP features, projected. `pixel_values` (the CLIP-size input, times `image_grid`)
+    /// is derived from `pixel_values_aux` when absent.
     pub fn image_tokens(
         &self,
         pixel_values_aux: &Tensor,
@@ -263,12 +324,20 @@ impl Mgm {
                 &derived
             }
         };
+        let x_hr = self.convnext.feature_pyramid(pixel_values_aux)?;
+        let (low, x_hr) = if self.config.image_grid > 1 {
+            (self.hd_views(low)?, self.hd_views(&x_hr.contiguous()?)?)
+        } else {
+            (low.clone(), x_hr)
+        };
         let x_lr = self
             .clip
-            .feature(low, self.config.select_layer, self.config.keep_cls)?;
-        let x_hr = self.convnext.feature_pyramid(pixel_values_aux)?;
+            .feature(&low, self.config.select_layer, self.config.keep_cls)?;
         let mined = self.mining.forward(&x_lr, &x_hr)?;
-        Ok(self.projector.forward(&mined)?)
+        let toks = self.projector.forward(&mined)?;
+        let (v, p, h) = (toks.shape()[0], toks.shape()[1], toks.shape()[2]);
+        let n = s[0];
+        Ok(toks.reshape(&[n, v / n * p, h])?)
     }
 
     /// The spliced input embeddings `[1, T', hidden]` of `input_ids` `[1, T]`: each -200 is
