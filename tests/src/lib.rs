@@ -74,6 +74,30 @@ impl Comparison {
         }
     }
 
+    /// Compares by max |ours - ref| (the tolerance of logits against transformers); a length
+    /// mismatch or a NaN is an infinite error.
+    pub fn max_abs(
+        name: impl Into<String>,
+        ours: &[f64],
+        reference: &[f64],
+        tolerance: f64,
+    ) -> Comparison {
+        let max_error = if ours.len() != reference.len() {
+            f64::INFINITY
+        } else {
+            ours.iter().zip(reference).fold(0.0f64, |m, (a, b)| {
+                let e = (a - b).abs();
+                if e.is_nan() { f64::INFINITY } else { m.max(e) }
+            })
+        };
+        Comparison {
+            name: name.into(),
+            numel: reference.len(),
+            max_error,
+            tolerance,
+        }
+    }
+
     /// True when the error is within tolerance.
     pub fn passed(&self) -> bool {
         self.max_error <= self.tolerance

@@ -13,23 +13,6 @@ use crate::{Comparison, Report};
 /// Max |diff| on logits and features (DESIGN.md: 1e-4 against transformers in f32).
 pub const TOL: f64 = 1e-4;
 
-fn max_abs(name: String, got: &[f64], want: &[f64]) -> Comparison {
-    let max_error = if got.len() != want.len() {
-        f64::INFINITY
-    } else {
-        got.iter().zip(want).fold(0f64, |m, (a, b)| {
-            let e = (a - b).abs();
-            if e.is_nan() { f64::INFINITY } else { m.max(e) }
-        })
-    };
-    Comparison {
-        name,
-        numel: want.len(),
-        max_error,
-        tolerance: TOL,
-    }
-}
-
 /// Compares both prompts of one fixture directory.
 pub fn check(dir: &Path) -> mgm::Result<Report> {
     let case = dir.file_name().and_then(|n| n.to_str()).unwrap_or("?");
@@ -54,16 +37,18 @@ pub fn check(dir: &Path) -> mgm::Result<Report> {
                 })?
                 .to_vec_f64()?)
         };
-        report.rows.push(max_abs(
+        report.rows.push(Comparison::max_abs(
             format!("{case} {n} image(s) logits"),
             &logits.to_vec_f64()?,
             &want("logits")?,
+            TOL,
         ));
         let feats = llava.image_features(&inputs["pixel_values"])?;
-        report.rows.push(max_abs(
+        report.rows.push(Comparison::max_abs(
             format!("{case} {n} image(s) image_features"),
             &feats.to_vec_f64()?,
             &want("image_features")?,
+            TOL,
         ));
     }
     Ok(report)

@@ -35,30 +35,17 @@ fn f64s(t: &Tensor) -> mgm_llm::Result<Vec<f64>> {
 
 /// Max abs diff over the entries where `keep` is true (all when `None`).
 fn max_abs(name: String, got: &[f64], want: &[f64], keep: Option<&[bool]>, tol: f64) -> Comparison {
-    let mut max_error = 0f64;
-    let mut numel = 0;
-    if got.len() != want.len() {
-        max_error = f64::INFINITY;
-    } else {
-        for (i, (&a, &r)) in got.iter().zip(want).enumerate() {
-            if keep.is_some_and(|k| !k[i]) {
-                continue;
-            }
-            numel += 1;
-            let e = (a - r).abs();
-            max_error = if e.is_nan() {
-                f64::INFINITY
-            } else {
-                max_error.max(e)
-            };
-        }
-    }
-    Comparison {
-        name,
-        numel,
-        max_error,
-        tolerance: tol,
-    }
+    let Some(keep) = keep.filter(|_| got.len() == want.len()) else {
+        return Comparison::max_abs(name, got, want, tol);
+    };
+    let pick = |v: &[f64]| -> Vec<f64> {
+        v.iter()
+            .zip(keep)
+            .filter(|(_, k)| **k)
+            .map(|(x, _)| *x)
+            .collect()
+    };
+    Comparison::max_abs(name, &pick(got), &pick(want), tol)
 }
 
 /// Token equality as a comparison row (error = number of mismatching tokens).

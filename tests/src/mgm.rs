@@ -15,23 +15,6 @@ pub const TOL: f64 = 1e-4;
 /// Gradients: max |diff| / (1 + |ref|).
 pub const GRAD_TOL: f64 = 1e-5;
 
-fn abs_row(name: String, got: &[f64], want: &[f64], tol: f64) -> Comparison {
-    let max_error = if got.len() != want.len() {
-        f64::INFINITY
-    } else {
-        got.iter().zip(want).fold(0f64, |m, (a, b)| {
-            let e = (a - b).abs();
-            if e.is_nan() { f64::INFINITY } else { m.max(e) }
-        })
-    };
-    Comparison {
-        name,
-        numel: want.len(),
-        max_error,
-        tolerance: tol,
-    }
-}
-
 /// Compares one fixture directory.
 pub fn check(dir: &Path) -> mgm::Result<Report> {
     let case = dir.file_name().and_then(|n| n.to_str()).unwrap_or("?");
@@ -60,7 +43,7 @@ pub fn check(dir: &Path) -> mgm::Result<Report> {
             ("derived", None, "logits_derived"),
         ] {
             let logits = model.forward(&ids, Some(&aux), given)?;
-            report.rows.push(abs_row(
+            report.rows.push(Comparison::max_abs(
                 format!("{case} {n} image(s) {key} (low-res {tag})"),
                 &logits.to_vec_f64()?,
                 &get(&expected, key, &fe)?.to_vec_f64()?,
@@ -68,7 +51,7 @@ pub fn check(dir: &Path) -> mgm::Result<Report> {
             ));
         }
         let toks = model.image_tokens(&aux, Some(&low))?;
-        report.rows.push(abs_row(
+        report.rows.push(Comparison::max_abs(
             format!("{case} {n} image(s) image_tokens"),
             &toks.to_vec_f64()?,
             &get(&expected, "image_tokens", &fe)?.to_vec_f64()?,

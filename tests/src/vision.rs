@@ -49,7 +49,7 @@ pub fn check(dir: &Path) -> mgm::Result<Report> {
                 .unwrap_or_default();
             let label = format!("{case} {tag} {name}");
             report.rows.push(if dtype == DType::F32 {
-                max_abs(label, &got, &want, F32_TOL)
+                Comparison::max_abs(label, &got, &want, F32_TOL)
             } else {
                 frobenius(label, &got, &want, BF16_TOL)
             });
@@ -71,23 +71,6 @@ pub fn check(dir: &Path) -> mgm::Result<Report> {
 
 fn f64s(t: &mgm_tensor::Tensor) -> mgm_tensor::Result<Vec<f64>> {
     t.to_dtype(DType::F64)?.to_vec::<f64>()
-}
-
-fn max_abs(name: String, got: &[f64], want: &[f64], tol: f64) -> Comparison {
-    let max_error = if got.len() != want.len() {
-        f64::INFINITY
-    } else {
-        got.iter().zip(want).fold(0.0f64, |m, (a, b)| {
-            let e = (a - b).abs();
-            if e.is_nan() { f64::INFINITY } else { m.max(e) }
-        })
-    };
-    Comparison {
-        name,
-        numel: want.len(),
-        max_error,
-        tolerance: tol,
-    }
 }
 
 fn frobenius(name: String, got: &[f64], want: &[f64], tol: f64) -> Comparison {

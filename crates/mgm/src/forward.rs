@@ -62,15 +62,7 @@ pub struct Model {
 
 /// `architectures[0]` of a config.json, else the class transformers maps `model_type` to.
 pub fn architecture(config_path: &Path) -> Result<String> {
-    let path = config_path.display().to_string();
-    let text = std::fs::read_to_string(config_path).map_err(|e| Error::Config {
-        path: path.clone(),
-        msg: format!("cannot read: {e}"),
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: path.clone(),
-        msg: format!("not valid JSON: {e}"),
-    })?;
+    let (v, path) = read_config(config_path)?;
     if let Some(a) = v["architectures"].get(0).and_then(|a| a.as_str()) {
         return Ok(a.to_string());
     }
@@ -92,6 +84,20 @@ pub fn architecture(config_path: &Path) -> Result<String> {
             msg: "neither `architectures` nor `model_type` is set".into(),
         }),
     }
+}
+
+/// A config.json as JSON, and its path for error messages.
+pub(crate) fn read_config(config_path: &Path) -> Result<(serde_json::Value, String)> {
+    let path = config_path.display().to_string();
+    let text = std::fs::read_to_string(config_path).map_err(|e| Error::Config {
+        path: path.clone(),
+        msg: format!("cannot read: {e}"),
+    })?;
+    let v = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.clone(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    Ok((v, path))
 }
 
 /// The weights of a model directory: model.safetensors or a sharded index.

@@ -110,15 +110,7 @@ impl Llava {
     /// quantizes the language model's projections (the tower and projector stay f32).
     pub fn from_dir(dir: &Path, quant: Option<QuantFormat>) -> Result<Llava> {
         let cfg_path = dir.join("config.json");
-        let path = cfg_path.display().to_string();
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Config {
-            path: path.clone(),
-            msg: format!("cannot read: {e}"),
-        })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: path.clone(),
-            msg: format!("not valid JSON: {e}"),
-        })?;
+        let (v, path) = crate::forward::read_config(&cfg_path)?;
         let config = LlavaConfig::from_json(&v, &path)?;
         let vision_cfg = ClipVisionConfig::from_file(&cfg_path)?;
         let text_cfg = match v.get("text_config") {

@@ -169,15 +169,7 @@ impl Mgm {
         train_fusion: bool,
     ) -> Result<Mgm> {
         let cfg_path = dir.join("config.json");
-        let path = cfg_path.display().to_string();
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Config {
-            path: path.clone(),
-            msg: format!("cannot read: {e}"),
-        })?;
-        let mut v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: path.clone(),
-            msg: format!("not valid JSON: {e}"),
-        })?;
+        let (mut v, path) = crate::forward::read_config(&cfg_path)?;
         let config = MgmConfig::from_json(&v, &path)?;
         // the decoder's own config: the same keys under the backbone's model_type
         let (class, ty) = match config.backbone {
