@@ -5,6 +5,8 @@
 //! - [`ring`]: a fixed-capacity ring buffer of `[N, D]` feature slots whose writes return
 //!   handles with a generation: reading a handle whose slot was overwritten since is an error,
 //!   never stale data, and batch writes that straddle the end wrap around.
+//! - [`paged`]: paged KV-cache bookkeeping: fixed-size blocks, a block table per sequence,
+//!   prefix sharing by fork with copy-on-write.
 //!
 //! ```
 //! use mgm_umm::ring::FeatureCache;
@@ -18,6 +20,7 @@
 //! ```
 
 mod error;
+pub mod paged;
 pub mod pool;
 pub mod ring;
 
