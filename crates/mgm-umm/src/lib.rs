@@ -7,6 +7,9 @@
 //!   never stale data, and batch writes that straddle the end wrap around.
 //! - [`paged`]: paged KV-cache bookkeeping: fixed-size blocks, a block table per sequence,
 //!   prefix sharing by fork with copy-on-write.
+//! - [`pipeline`]: encode request N+1 while decoding request N, bounded and in order.
+//! - [`CheckpointPolicy`]: which layers keep their activations under activation
+//!   checkpointing.
 //!
 //! ```
 //! use mgm_umm::ring::FeatureCache;
@@ -21,7 +24,43 @@
 
 mod error;
 pub mod paged;
+pub mod pipeline;
 pub mod pool;
 pub mod ring;
 
 pub use error::{Error, Result};
+
+/// Activation checkpointing: keep the activations of every `every`-th layer (layers 0, k, 2k,
+/// ...) and recompute the others in backward; the seed design keeps 1/4 (`every` 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    every: usize,
+}
+
+impl CheckpointPolicy {
+    /// Keeps every `every`-th layer (`every` >= 1; 1 keeps all, no recomputation).
+    pub fn every(every: usize) -> Result<CheckpointPolicy> {
+        if every == 0 {
+            return Err(Error::InvalidInput {
+                what: "CheckpointPolicy::every",
+                msg: "every must be >= 1".into(),
+            });
+        }
+        Ok(CheckpointPolicy { every })
+    }
+
+    /// The seed design's policy: one layer in four.
+    pub fn seed() -> CheckpointPolicy {
+        CheckpointPolicy { every: 4 }
+    }
+
+    /// Whether layer `i` keeps its activations.
+    pub fn keeps(&self, layer: usize) -> bool {
+        layer.is_multiple_of(self.every)
+    }
+
+    /// Layers of `n` that keep their activations.
+    pub fn kept(&self, n: usize) -> usize {
+        n.div_ceil(self.every)
+    }
+}

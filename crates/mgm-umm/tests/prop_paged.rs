@@ -26,12 +26,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run(
-    ops: &[Op],
-    blocks: usize,
-    bs: usize,
-    forks: bool,
-) -> Result<(), TestCaseError> {
+fn run(ops: &[Op], blocks: usize, bs: usize, forks: bool) -> Result<(), TestCaseError> {
     let mut kv = PagedKv::new(blocks, bs).unwrap();
     let mut store: HashMap<(usize, usize), u64> = HashMap::new();
     let mut model: HashMap<usize, Vec<u64>> = HashMap::new();
