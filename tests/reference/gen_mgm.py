@@ -5,7 +5,8 @@ The towers are real library models: the low-res tower a transformers CLIPVisionM
 save_pretrained in `clip/`), the high-res tower a timm ConvNeXt (OpenCLIP's trunk) saved under
 OpenCLIP's names `visual.trunk.*` in `convnext/open_clip_model.safetensors` (no head, as MGM drops
 it). The language model is a transformers LlamaForCausalLM (mgm_llama, mgm_hd), GemmaForCausalLM
-(mgm_gemma) or MixtralForCausalLM (mgm_mixtral: 4 experts, top 2). What MGM adds is implemented here from the formula, not from MGM's code:
+(mgm_gemma), MixtralForCausalLM (mgm_mixtral: 4 experts, top 2) or MistralForCausalLM
+(mgm_mistral: sliding window 8, shorter than the spliced prompts). What MGM adds is implemented here from the formula, not from MGM's code:
 
 - X_LR = CLIP hidden_states[mm_vision_select_layer = -2] without the class token ('patch').
 - X_HR = every ConvNeXt stage output resized bilinearly (align_corners=False) to the first
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
 from transformers import (CLIPVisionConfig, CLIPVisionModel, GemmaConfig, GemmaForCausalLM, LlamaConfig,
-                          LlamaForCausalLM, MixtralConfig, MixtralForCausalLM)
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM)
 
 PINNED = {
     "torch": (torch.__version__, "2.15.0"),
@@ -190,7 +191,7 @@ def splice(llm, ids, tokens, gemma, hidden):
     return torch.cat(pieces, 0)[None]
 
 
-def build(out, gemma, seed, vocab, max_pos=64, hd=False, mixtral=False):
+def build(out, gemma, seed, vocab, max_pos=64, hd=False, mixtral=False, mistral=False):
     """Writes an MGM checkpoint with its towers into `out`; returns the modules."""
     g = torch.Generator().manual_seed(seed)
     if os.path.isdir(out):
@@ -214,6 +215,13 @@ def build(out, gemma, seed, vocab, max_pos=64, hd=False, mixtral=False):
         tc = GemmaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
         llm = GemmaForCausalLM(tc).eval()
+    elif mistral:
+        hidden = 24
+        # a window shorter than the prompts, so the sliding window is exercised
+        tc = MistralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=6, max_position_embeddings=max_pos,
+                           sliding_window=8, bos_token_id=1, eos_token_id=2)
+        llm = MistralForCausalLM(tc).eval()
     elif mixtral:
         hidden = 24
         tc = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
@@ -246,8 +254,9 @@ def build(out, gemma, seed, vocab, max_pos=64, hd=False, mixtral=False):
     for k in ("transformers_version", "architectures", "dtype", "torch_dtype"):
         cfg.pop(k, None)
     cfg.update({
-        "architectures": ["MGMGemmaForCausalLM" if gemma else "MGMMixtralForCausalLM" if mixtral else "MGMLlamaForCausalLM"],
-        "model_type": "mgm_gemma" if gemma else "mgm_mixtral" if mixtral else "mgm",
+        "architectures": ["MGMGemmaForCausalLM" if gemma else "MGMMixtralForCausalLM" if mixtral
+                          else "MGMMistralForCausalLM" if mistral else "MGMLlamaForCausalLM"],
+        "model_type": "mgm_gemma" if gemma else "mgm_mixtral" if mixtral else "mgm_mistral" if mistral else "mgm",
         "mm_vision_tower": "clip", "mm_vision_tower_aux": "convnext", "mm_projector_type": "mlp2x_gelu",
         "mm_hidden_size": D_LR, "mm_hidden_size_aux": sum(DIMS), "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch", "image_size_aux": HR_IMAGE * (2 if hd else 1),
@@ -260,9 +269,9 @@ def build(out, gemma, seed, vocab, max_pos=64, hd=False, mixtral=False):
     return g, clip, trunk, llm, p, hidden
 
 
-def case(name, gemma, seed, hd=False, mixtral=False):
+def case(name, gemma, seed, hd=False, mixtral=False, mistral=False):
     out = os.path.normpath(os.path.join(FIXTURES, name))
-    g, clip, trunk, llm, p, hidden = build(out, gemma, seed, VOCAB, hd=hd, mixtral=mixtral)
+    g, clip, trunk, llm, p, hidden = build(out, gemma, seed, VOCAB, hd=hd, mixtral=mixtral, mistral=mistral)
     k = 2 if hd else 1
     tokens_of = (lambda lo, au: hd_image_tokens(p, clip, trunk, lo, au, 2)) if hd else (lambda lo, au: image_tokens(p, clip, trunk, lo, au))
     with torch.inference_mode():
@@ -365,6 +374,7 @@ def main():
     case("mgm_gemma", True, 42)
     case("mgm_hd", False, 43, hd=True)
     case("mgm_mixtral", False, 44, mixtral=True)
+    case("mgm_mistral", False, 45, mistral=True)
     example()
 
 

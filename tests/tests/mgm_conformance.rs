@@ -1,4 +1,4 @@
-//! Mini-Gemini against its independent PyTorch implementation: LLaMA, Gemma and Mixtral backbones, the
+//! Mini-Gemini against its independent PyTorch implementation: LLaMA, Gemma, Mixtral and Mistral backbones, the
 //! normal and the HD variant, one and two images, the low-res input given or derived, image tokens and mining gradients.
 
 #[test]
@@ -6,8 +6,8 @@ fn mgm_logits_and_mining_gradients_match_the_pytorch_reference() {
     let dirs = mgm_tests::model_dirs(&mgm_tests::fixtures_dir(), &["mgm_"]);
     assert_eq!(
         dirs.len(),
-        4,
-        "mgm_gemma, mgm_hd, mgm_llama and mgm_mixtral: {dirs:?}"
+        5,
+        "mgm_gemma, mgm_hd, mgm_llama, mgm_mistral and mgm_mixtral: {dirs:?}"
     );
     for dir in dirs {
         let report = mgm_tests::mgm::check(&dir).expect("fixture loads and runs");
