@@ -971,3 +971,40 @@ mod avx512 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::round;
+
+    /// The vectorizable `round` is `roundf` bit for bit: halves away from zero, the largest
+    /// float below 0.5, integers, huge values, signed zeros, infinities and NaN.
+    #[test]
+    fn round_is_roundf_exactly() {
+        let mut xs = vec![
+            0.0f32,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            0.499_999_97,
+            -0.499_999_97,
+            8_388_607.5,
+            16_777_216.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+        ];
+        // a sweep of ordinary values, including every multiple of 1/8 in [-200, 200]
+        xs.extend((-1600..=1600).map(|i| i as f32 / 8.0));
+        xs.extend((0..10_000).map(|i| ((i as f32) * 0.731).sin() * 300.0));
+        for x in xs {
+            assert_eq!(round(x).to_bits(), x.round().to_bits(), "round({x:e})");
+        }
+        assert!(round(f32::NAN).is_nan());
+    }
+}
