@@ -51,42 +51,41 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    /// Compares `ours` with `reference` elementwise.
+    /// Compares `ours` with `reference` elementwise: max |ours - ref| / (1 + |ref|).
     pub fn new(
         name: impl Into<String>,
         ours: &[f64],
         reference: &[f64],
         tolerance: f64,
     ) -> Comparison {
-        let max_error = if ours.len() != reference.len() {
-            f64::INFINITY
-        } else {
-            ours.iter().zip(reference).fold(0.0f64, |m, (&a, &r)| {
-                let e = (a - r).abs() / (1.0 + r.abs());
-                if e.is_nan() { f64::INFINITY } else { m.max(e) }
-            })
-        };
-        Comparison {
-            name: name.into(),
-            numel: reference.len(),
-            max_error,
-            tolerance,
-        }
+        Self::by(name, ours, reference, tolerance, |a, r| {
+            (a - r).abs() / (1.0 + r.abs())
+        })
     }
 
-    /// Compares by max |ours - ref| (the tolerance of logits against transformers); a length
-    /// mismatch or a NaN is an infinite error.
+    /// Compares by max |ours - ref| (the tolerance of logits against transformers).
     pub fn max_abs(
         name: impl Into<String>,
         ours: &[f64],
         reference: &[f64],
         tolerance: f64,
     ) -> Comparison {
+        Self::by(name, ours, reference, tolerance, |a, r| (a - r).abs())
+    }
+
+    /// The largest `err(ours, ref)`; a length mismatch or a NaN is an infinite error.
+    fn by(
+        name: impl Into<String>,
+        ours: &[f64],
+        reference: &[f64],
+        tolerance: f64,
+        err: impl Fn(f64, f64) -> f64,
+    ) -> Comparison {
         let max_error = if ours.len() != reference.len() {
             f64::INFINITY
         } else {
-            ours.iter().zip(reference).fold(0.0f64, |m, (a, b)| {
-                let e = (a - b).abs();
+            ours.iter().zip(reference).fold(0.0f64, |m, (&a, &r)| {
+                let e = err(a, r);
                 if e.is_nan() { f64::INFINITY } else { m.max(e) }
             })
         };

@@ -2,9 +2,10 @@
 //! frames) into the shared fusion width.
 
 use mgm_tensor::Tensor;
-use mgm_tensor::nn::{Activation, Linear, Module, VarStore};
+use mgm_tensor::nn::{Activation, VarStore};
 
-use crate::error::{Result, invalid};
+use crate::error::Result;
+use crate::projector::Projector;
 
 /// The seed design's shared width.
 pub const SHARED_DIM: usize = 768;
@@ -12,8 +13,7 @@ pub const SHARED_DIM: usize = 768;
 /// `fc2(GELU(fc1(x)))`: `in_dim -> shared_dim -> shared_dim`.
 #[derive(Clone, Debug)]
 pub struct ModalityAdapter {
-    fc1: Linear,
-    fc2: Linear,
+    mlp: Projector,
 }
 
 impl ModalityAdapter {
@@ -29,25 +29,18 @@ impl ModalityAdapter {
     /// ```
     pub fn load(vs: &VarStore, in_dim: usize, shared_dim: usize) -> Result<Self> {
         Ok(ModalityAdapter {
-            fc1: Linear::load(&vs.pp("fc1"), in_dim, shared_dim, true)?,
-            fc2: Linear::load(&vs.pp("fc2"), shared_dim, shared_dim, true)?,
+            mlp: Projector::load_named(
+                vs,
+                ["fc1", "fc2"],
+                Activation::GeluErf,
+                true,
+                [in_dim, shared_dim, shared_dim],
+            )?,
         })
     }
 
     /// Maps `[..., in_dim]` to `[..., shared_dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.shape().last() != Some(&self.fc1.in_features()) {
-            return Err(invalid(
-                "modality adapter",
-                format!(
-                    "features {:?} do not end in the adapter's input width {}",
-                    x.shape(),
-                    self.fc1.in_features()
-                ),
-            ));
-        }
-        Ok(self
-            .fc2
-            .forward(&self.fc1.forward_fused(x, Activation::GeluErf, None)?)?)
+        self.mlp.forward(x)
     }
 }

@@ -34,5 +34,5 @@ pub use adapter::{ModalityAdapter, SHARED_DIM};
 pub use attention::{CrossModalAttention, Gate, GateKind, MultiScaleCrossAttention};
 pub use error::{Error, Result};
 pub use mining::PatchInfoMining;
-pub use moe::{Expert, MoeLayer, MoeRouter, Routing};
+pub use moe::{MoeLayer, MoeRouter, Routing};
 pub use projector::{Projector, ProjectorType};

@@ -6,6 +6,8 @@
 //! token and `P_e` the mean router probability of `e`.
 
 use mgm_tensor::nn::{Activation, Linear, Module, VarStore};
+
+use crate::projector::Projector;
 use mgm_tensor::{DType, Device, Tensor};
 
 use crate::error::{Result, bad_config, invalid};
@@ -161,40 +163,17 @@ impl MoeRouter {
     }
 }
 
-/// One expert: `fc2(GELU(fc1(x)))`.
-#[derive(Clone, Debug)]
-pub struct Expert {
-    fc1: Linear,
-    fc2: Linear,
-}
-
-impl Expert {
-    /// Loads `fc1` (`dim -> hidden`) and `fc2` (`hidden -> dim`) under `vs`.
-    pub fn load(vs: &VarStore, dim: usize, hidden: usize) -> Result<Self> {
-        Ok(Expert {
-            fc1: Linear::load(&vs.pp("fc1"), dim, hidden, true)?,
-            fc2: Linear::load(&vs.pp("fc2"), hidden, dim, true)?,
-        })
-    }
-
-    /// `fc2(GELU(fc1(x)))`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .fc2
-            .forward(&self.fc1.forward_fused(x, Activation::GeluErf, None)?)?)
-    }
-}
-
 /// A mixture-of-experts layer: `y_t = sum_s w_{t,s} expert_{e(t,s)}(x_t)` over the kept
 /// assignments.
 #[derive(Clone, Debug)]
 pub struct MoeLayer {
     router: MoeRouter,
-    experts: Vec<Expert>,
+    experts: Vec<Projector>,
 }
 
 impl MoeLayer {
-    /// Loads `router.gate` and `experts.{i}.{fc1,fc2}` under `vs`.
+    /// Loads `router.gate` and the experts `experts.{i}.{fc1,fc2}` (`fc2(GELU(fc1(x)))`,
+    /// `dim -> hidden -> dim`) under `vs`.
     pub fn load(
         vs: &VarStore,
         dim: usize,
@@ -206,7 +185,15 @@ impl MoeLayer {
         Ok(MoeLayer {
             router: MoeRouter::load(&vs.pp("router"), dim, num_experts, top_k, capacity_factor)?,
             experts: (0..num_experts)
-                .map(|i| Expert::load(&vs.pp(&format!("experts.{i}")), dim, hidden))
+                .map(|i| {
+                    Projector::load_named(
+                        &vs.pp(&format!("experts.{i}")),
+                        ["fc1", "fc2"],
+                        Activation::GeluErf,
+                        true,
+                        [dim, hidden, dim],
+                    )
+                })
                 .collect::<Result<_>>()?,
         })
     }

@@ -102,21 +102,22 @@ impl Projector {
         })
     }
 
-    /// Loads a two-layer projector whose layers have their own names, as transformers'
-    /// `LlavaMultiModalProjector` (`linear_1`, `linear_2`, `projector_hidden_act` between,
-    /// biases when `multimodal_projector_bias`).
+    /// Loads a two-layer MLP whose layers have their own names: `names[0]` (`in_dim ->
+    /// hidden`), `activation`, `names[1]` (`hidden -> out_dim`), with biases when `bias`.
+    /// transformers' `LlavaMultiModalProjector` is `linear_1`, `linear_2` with `hidden =
+    /// out_dim`; MoE experts and modality adapters are `fc1`, `fc2` with exact GELU.
     pub fn load_named(
         vs: &VarStore,
         names: [&str; 2],
         activation: Activation,
         bias: bool,
-        in_dim: usize,
-        out_dim: usize,
+        dims: [usize; 3],
     ) -> Result<Self> {
+        let [in_dim, hidden, out_dim] = dims;
         Ok(Projector {
             layers: vec![
-                Linear::load(&vs.pp(names[0]), in_dim, out_dim, bias)?,
-                Linear::load(&vs.pp(names[1]), out_dim, out_dim, bias)?,
+                Linear::load(&vs.pp(names[0]), in_dim, hidden, bias)?,
+                Linear::load(&vs.pp(names[1]), hidden, out_dim, bias)?,
             ],
             activation,
             in_dim,

@@ -1,21 +1,14 @@
 //! Projectors, window cutting, mining's NaN handling, gates and adapters against plain f64
 //! loops; bad input is an error that says what was wrong.
 
+mod common;
+
+use common::{gelu, var};
+
 use mgm_fusion::mining::windows;
 use mgm_fusion::{Gate, GateKind, ModalityAdapter, PatchInfoMining, Projector, ProjectorType};
 use mgm_tensor::nn::VarStore;
 use mgm_tensor::{DType, Device, Tensor};
-
-fn var(vs: &VarStore, name: &str) -> Vec<f64> {
-    vs.all_vars()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("{name} is a var"))
-        .1
-        .as_tensor()
-        .to_vec_f64()
-        .unwrap()
-}
 
 fn randn(seed: u64, shape: &[usize]) -> Tensor {
     Tensor::randn(seed, shape, 0.0, 1.0, DType::F32, Device::Cpu).unwrap()
@@ -26,10 +19,6 @@ fn linear(w: &[f64], b: &[f64], x: &[f64], out: usize) -> Vec<f64> {
     (0..out)
         .map(|j| b[j] + (0..inp).map(|c| w[j * inp + c] * x[c]).sum::<f64>())
         .collect()
-}
-
-fn gelu(x: f64) -> f64 {
-    0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
 }
 
 #[test]

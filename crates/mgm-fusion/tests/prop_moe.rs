@@ -3,6 +3,10 @@
 //! (transformers' `load_balancing_loss_func`), the layer's mixed output, and the loss's gradient
 //! against central finite differences.
 
+mod common;
+
+use common::{gelu, var};
+
 use mgm_fusion::{MoeLayer, MoeRouter};
 use mgm_tensor::nn::VarStore;
 use mgm_tensor::{DType, Tensor};
@@ -13,17 +17,6 @@ use rand_chacha::ChaCha8Rng;
 fn data(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn var(vs: &VarStore, name: &str) -> Vec<f64> {
-    vs.all_vars()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("{name} is a var"))
-        .1
-        .as_tensor()
-        .to_vec_f64()
-        .unwrap()
 }
 
 struct Plain {
@@ -99,10 +92,6 @@ fn plain(
         aux: aux * e as f64,
         gap,
     }
-}
-
-fn gelu(x: f64) -> f64 {
-    0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
 }
 
 fn close(a: f64, b: f64, tol: f64) -> bool {

@@ -132,8 +132,7 @@ impl Llava {
             ["linear_1", "linear_2"],
             config.projector_act,
             config.projector_bias,
-            in_dim,
-            text_cfg.hidden_size,
+            [in_dim, text_cfg.hidden_size, text_cfg.hidden_size],
         )?;
         let lm = CausalLm::load(&vs.pp("language_model"), &text_cfg)?;
         vs.finish_ignoring(|n| n.ends_with("position_ids") || n.ends_with("rotary_emb.inv_freq"))?;

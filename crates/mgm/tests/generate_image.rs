@@ -10,6 +10,24 @@ use std::path::PathBuf;
 use common::{assert_one_error_line, fixture, mgm};
 use mgm_tensor::DType;
 
+/// `mgm generate ARGS --print-ids`, which must succeed: the printed ids.
+fn generated_ids(args: &[&str]) -> Vec<i64> {
+    let mut all = vec!["generate"];
+    all.extend_from_slice(args);
+    all.push("--print-ids");
+    let out = mgm(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
 fn example(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../examples")
@@ -27,8 +45,7 @@ fn llava_generate_prints_the_ids_transformers_generates_from_a_png() {
         .unwrap()
         .to_vec()
         .unwrap();
-    let out = mgm(&[
-        "generate",
+    let got = generated_ids(&[
         "--model",
         model.to_str().unwrap(),
         "--image",
@@ -37,22 +54,10 @@ fn llava_generate_prints_the_ids_transformers_generates_from_a_png() {
         "<image>\nWhat colour is the square?",
         "--max-new-tokens",
         "8",
-        "--print-ids",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Vec<i64> = String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .map(|s| s.parse().unwrap())
-        .collect();
     assert_eq!(got, want[prompt..]);
     // without a marker the image goes in front, as MGM's CLI does: the same prompt
-    let out = mgm(&[
-        "generate",
+    let again = generated_ids(&[
         "--model",
         model.to_str().unwrap(),
         "--image",
@@ -61,13 +66,7 @@ fn llava_generate_prints_the_ids_transformers_generates_from_a_png() {
         "What colour is the square?",
         "--max-new-tokens",
         "8",
-        "--print-ids",
     ]);
-    let again: Vec<i64> = String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .map(|s| s.parse().unwrap())
-        .collect();
     assert_eq!(again, got);
 }
 
@@ -158,8 +157,7 @@ fn mgm_generate_prints_the_reference_ids_from_a_png() {
         .unwrap();
     let m = model.to_str().unwrap();
     let img = image.to_str().unwrap();
-    let out = mgm(&[
-        "generate",
+    let got = generated_ids(&[
         "--model",
         m,
         "--image",
@@ -170,18 +168,7 @@ fn mgm_generate_prints_the_reference_ids_from_a_png() {
         "vicuna_v1",
         "--max-new-tokens",
         "8",
-        "--print-ids",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Vec<i64> = String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .map(|s| s.parse().unwrap())
-        .collect();
     assert_eq!(got, want);
     assert_one_error_line(
         &mgm(&[
