@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group};
-use mgm_benches::{Row, benchmarking, interleaved, report, table_only};
+use mgm_benches::{Row, interleaved, report};
 use mgm_kernels::gemm::{
     self as kgemm, Backend, Epilogue, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism,
 };
@@ -283,11 +283,5 @@ fn bench(c: &mut Criterion) {
 criterion_group!(benches, bench);
 
 fn main() {
-    if benchmarking() {
-        table();
-    }
-    if !table_only() {
-        benches();
-        Criterion::default().configure_from_args().final_summary();
-    }
+    mgm_benches::table_then_criterion(table, benches);
 }

@@ -298,3 +298,17 @@ pub fn workspace_root() -> PathBuf {
         .expect("benches/ is one level below the workspace root")
         .to_path_buf()
 }
+
+/// A bench's `main`: the peer table when benchmarking, then the criterion groups `groups`
+/// (what `criterion_group!` defines) unless only the table was asked for.
+pub fn table_then_criterion(table: fn(), groups: fn()) {
+    if benchmarking() {
+        table();
+    }
+    if !table_only() {
+        groups();
+        criterion::Criterion::default()
+            .configure_from_args()
+            .final_summary();
+    }
+}
