@@ -42,6 +42,9 @@ pixel_values, `logits_derived` with pixel_values derived from pixel_values_aux, 
 sum(image_tokens * cotangent) (`cotangent` [2, 4, hidden] stored there) with respect to the six
 mining layers' parameters, the two-image case.
 
+Case mgm_embedded is mgm_llama with both towers inside the checkpoint, under MGM's own module names
+(see `embedded`), and only the CLIP config on disk: the same expected logits.
+
 Run through `cargo xtask reference` (pinned versions of requirements.txt). Deterministic.
 """
 
@@ -306,6 +309,35 @@ def case(name, gemma, seed, hd=False, mixtral=False, mistral=False):
     print(f"{name}: {size:.1f} KB")
 
 
+def embedded(src, name):
+    """Case `name`: checkpoint `src` with both towers' weights inside model.safetensors, under the
+    names MGM's modules give them when it saves them (`model.vision_tower.vision_tower.` before
+    transformers' CLIP names, `model.vision_tower_aux.clip_model.` before OpenCLIP's
+    `visual.trunk.*`); `clip/` keeps only the tower's config.json (MGM reads the CLIP config from
+    mm_vision_tower) and there is no `convnext/` at all. Inputs and expected outputs are `src`'s."""
+    from safetensors.torch import load_file
+    src_dir = os.path.normpath(os.path.join(FIXTURES, src))
+    out = os.path.normpath(os.path.join(FIXTURES, name))
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(os.path.join(out, "clip"))
+    state = dict(load_file(os.path.join(src_dir, "model.safetensors")))
+    clip = load_file(os.path.join(src_dir, "clip", "model.safetensors"))
+    trunk = load_file(os.path.join(src_dir, "convnext", "open_clip_model.safetensors"))
+    for k, v in clip.items():
+        k = k if k.startswith("vision_model.") else "vision_model." + k
+        state["model.vision_tower.vision_tower." + k] = v
+    for k, v in trunk.items():
+        state["model.vision_tower_aux.clip_model." + k] = v
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(src_dir, "config.json"), os.path.join(out, "config.json"))
+    shutil.copy(os.path.join(src_dir, "clip", "config.json"), os.path.join(out, "clip", "config.json"))
+    for f in ("inputs_1", "inputs_2", "expected_1", "expected_2", "grads"):
+        shutil.copy(os.path.join(src_dir, f + ".safetensors"), os.path.join(out, f + ".safetensors"))
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs) / 1024
+    print(f"{name}: {size:.1f} KB")
+
+
 def example():
     """examples/tiny-mgm: a tiny MGM (LLaMA backbone, random weights) with the BPE tokenizer of
     tests/fixtures/tokenizer_bpe (vocab 401), and generate.safetensors: the reference's greedy
@@ -375,6 +407,7 @@ def main():
     case("mgm_hd", False, 43, hd=True)
     case("mgm_mixtral", False, 44, mixtral=True)
     case("mgm_mistral", False, 45, mistral=True)
+    embedded("mgm_llama", "mgm_embedded")
     example()
 
 

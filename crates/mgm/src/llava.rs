@@ -348,8 +348,9 @@ pub fn with_markers(prompt: &str, n_images: usize) -> String {
 }
 
 /// MGM's conversation templates (DESIGN.md section 1) around one user turn `q` (which holds
-/// the `<image>` markers): `vicuna_v1`, `gemma`, and `llama_3` (Llama-3 Instruct's turn format,
-/// without a system turn). BOS is not part of them: the tokenizer adds it to the first chunk.
+/// the `<image>` markers): `vicuna_v1`, `gemma`, and `llama_3` (Llama-3 Instruct's turn format
+/// with MGM's system turn, as its `conv_llama_3` renders one question: system, user, then the
+/// open assistant header). BOS is not part of them: the tokenizer adds it to the first chunk.
 pub fn conversation(template: &str, q: &str) -> Result<String> {
     Ok(match template {
         "vicuna_v1" => format!(
@@ -359,7 +360,10 @@ pub fn conversation(template: &str, q: &str) -> Result<String> {
         ),
         "gemma" => format!("<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n"),
         "llama_3" => format!(
-            "<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>\
+            "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and \
+             vision assistant. You are able to understand the visual content that the user \
+             provides, and assist the user with a variety of tasks using natural \
+             language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         ),
         other => {
@@ -369,4 +373,27 @@ pub fn conversation(template: &str, q: &str) -> Result<String> {
             });
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conversation;
+
+    /// MGM's `get_prompt` for one question: `system + sep`, then `role + message + sep` per
+    /// answered turn and the bare role for the open one; composed here from conv_llama_3's
+    /// fields rather than from the rendered string.
+    #[test]
+    fn llama_3_renders_mgm_conv_llama_3() {
+        let header = |r: &str| format!("<|start_header_id|>{r}<|end_header_id|>\n\n");
+        let sep = "<|eot_id|>";
+        let system = format!(
+            "{}You are a helpful language and vision assistant. You are able to understand the \
+             visual content that the user provides, and assist the user with a variety of tasks \
+             using natural language.",
+            header("system")
+        );
+        let q = "<image>\nWhat is this?";
+        let want = format!("{system}{sep}{}{q}{sep}{}", header("user"), header("assistant"));
+        assert_eq!(conversation("llama_3", q).unwrap(), want);
+    }
 }

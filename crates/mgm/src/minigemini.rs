@@ -9,7 +9,10 @@
 //! `mm_vision_tower` and `mm_vision_tower_aux` name, relative to the model directory (or given
 //! explicitly): a transformers CLIPVisionModel directory, and a ConvNeXt directory with
 //! `open_clip_model.safetensors` (OpenCLIP names; its shape is read off the weights) or a
-//! transformers ConvNextModel. Each `-200` in `input_ids` is one image and becomes its mined,
+//! transformers ConvNextModel. A checkpoint that holds a tower's weights itself, under MGM's
+//! module names (`model.vision_tower.vision_tower.vision_model.*`,
+//! `model.vision_tower_aux.clip_model.visual.trunk.*`), uses those instead; the CLIP shape
+//! still comes from the tower directory's config.json, as MGM reads it. Each `-200` in `input_ids` is one image and becomes its mined,
 //! projected tokens; Gemma scales every input row, image rows included, by `sqrt(hidden)`.
 //! The HD variant (`image_grid` g > 1 with `image_global`): the low-res input is g times the
 //! CLIP size and cut into g x g crops plus a global view resized to the CLIP size; the high-res
@@ -22,14 +25,24 @@ use std::path::{Path, PathBuf};
 use mgm_fusion::{PatchInfoMining, Projector, ProjectorType};
 use mgm_llm::{CausalLm, DecoderConfig, QuantFormat};
 use mgm_tensor::{DType, InterpolateMode, Tensor};
-use mgm_vision::clip::ClipVisionModel;
-use mgm_vision::convnext::ConvNextModel;
+use mgm_vision::clip::{ClipVisionConfig, ClipVisionModel};
+use mgm_vision::convnext::{ConvNextConfig, ConvNextModel};
 use serde_json::Value;
 
 use crate::{Error, Result};
 
 /// The image placeholder id of MGM's code in `input_ids`.
 pub const IMAGE_TOKEN_INDEX: i64 = -200;
+
+/// Where MGM's modules put the CLIP tower's transformers names when it saves the towers in
+/// the checkpoint (`model.vision_tower` is a `CLIPVisionTower` holding the `CLIPVisionModel`
+/// as `vision_tower`).
+const CLIP_IN_CHECKPOINT: &str = "model.vision_tower.vision_tower";
+const CLIP_PROBE: &str = "vision_model.embeddings.patch_embedding.weight";
+/// The same for the ConvNeXt: `model.vision_tower_aux` is an `OpenCLIPVisionTower` holding the
+/// OpenCLIP model as `clip_model`, whose trunk is `visual.trunk.*`.
+const AUX_IN_CHECKPOINT: &str = "model.vision_tower_aux.clip_model";
+const AUX_PROBE: &str = "visual.trunk.stem.0.weight";
 
 /// MGM's multimodal config keys.
 #[derive(Clone, Debug, PartialEq)]
@@ -188,10 +201,30 @@ impl Mgm {
             path: path.clone(),
             msg: format!("{which} tower {}: {e}", d.display()),
         };
-        let clip = ClipVisionModel::load_dir(&clip_dir, DType::F32)
-            .map_err(|e| tower_err("mm_vision_tower", &clip_dir, e.to_string()))?;
-        let convnext = ConvNextModel::load_dir(&aux_dir, DType::F32)
-            .map_err(|e| tower_err("mm_vision_tower_aux", &aux_dir, e.to_string()))?;
+        let vs = crate::forward::weights(dir)?.with_dtype(DType::F32);
+        let in_ckpt = vs.pp(CLIP_IN_CHECKPOINT);
+        let clip = if in_ckpt.contains(CLIP_PROBE) {
+            // the weights are the checkpoint's; the shape is still the tower directory's config
+            let cfg = ClipVisionConfig::from_file(clip_dir.join("config.json")).map_err(|e| {
+                tower_err(
+                    "mm_vision_tower",
+                    &clip_dir,
+                    format!("the checkpoint holds the CLIP weights but not its config: {e}"),
+                )
+            })?;
+            ClipVisionModel::load(&in_ckpt, &cfg)
+        } else {
+            ClipVisionModel::load_dir(&clip_dir, DType::F32)
+        }
+        .map_err(|e| tower_err("mm_vision_tower", &clip_dir, e.to_string()))?;
+        let in_ckpt = vs.pp(AUX_IN_CHECKPOINT);
+        let convnext = if in_ckpt.contains(AUX_PROBE) {
+            ConvNextConfig::from_weights(&in_ckpt)
+                .and_then(|c| ConvNextModel::load(&in_ckpt, &c, DType::F32))
+        } else {
+            ConvNextModel::load_dir(&aux_dir, DType::F32)
+        }
+        .map_err(|e| tower_err("mm_vision_tower_aux", &aux_dir, e.to_string()))?;
         let lr_dim = clip.config().hidden_size;
         let hr_dim: usize = convnext.config().hidden_sizes.iter().sum();
         for (key, want, got) in [
@@ -209,7 +242,6 @@ impl Mgm {
                 });
             }
         }
-        let vs = crate::forward::weights(dir)?.with_dtype(DType::F32);
         let fusion_vs = train_fusion.then(|| vs.trainable(0));
         let fvs = fusion_vs.as_ref().unwrap_or(&vs);
         let mining = PatchInfoMining::load(&fvs.pp("model"), lr_dim, hr_dim)?;
