@@ -31,7 +31,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mgm_kernels::gemm::{self, Epilogue, MatMut, MatRef, PackedLhs, PackedRhs, Parallelism};
-use mgm_tensor::nn::{Activation, Init, VarStore};
+use mgm_tensor::nn::{self, Activation, Init, Param, VarStore};
 use mgm_tensor::{DType, Tensor};
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -1623,6 +1623,195 @@ instances! {
     bias_act_rows(v: &mut [f32], bias: &[f32], act: Activation, bf16: bool);
     residual_rows(a: &ResArgs<'_>, f: &[f32], y: &mut [f32]);
     resize_row(p: &ResizePlan<'_>, b: usize, y: usize, total: usize, out: &mut [f32], bf16: bool);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The autograd path
+
+/// ConvNeXt as tensor ops over [`Param`]s: the tower to train (from a trainable store, where
+/// missing weights start from PyTorch's default initialisation and the layer scale from
+/// `layer_scale_init_value`), with the names, shapes and outputs of [`ConvNextModel`], which is
+/// the fast inference path.
+///
+/// ```
+/// use mgm_tensor::{DType, Device, Tensor, nn::VarStore};
+/// use mgm_vision::convnext::{ConvNextConfig, TrainableConvNext};
+/// let cfg = ConvNextConfig { num_channels: 3, patch_size: 4, hidden_sizes: vec![8, 16], depths: vec![1, 1],
+///     layer_norm_eps: 1e-6, hidden_act: "gelu".into(), layer_scale_init_value: 1e-6 };
+/// let tower = TrainableConvNext::load(&VarStore::new_trainable(0), &cfg)?;
+/// let x = Tensor::randn(0, &[1, 3, 32, 32], 0.0, 1.0, DType::F32, Device::Cpu)?;
+/// assert_eq!(tower.feature_pyramid(&x)?.shape(), &[1, 24, 8, 8]);
+/// # Ok::<(), mgm_vision::Error>(())
+/// ```
+pub struct TrainableConvNext {
+    config: ConvNextConfig,
+    act: Activation,
+    stem: nn::Conv2d,
+    stem_norm: nn::LayerNorm,
+    stages: Vec<TrainableStage>,
+}
+
+struct TrainableStage {
+    downsample: Option<(nn::LayerNorm, nn::Conv2d)>,
+    blocks: Vec<TrainableBlock>,
+}
+
+struct TrainableBlock {
+    dw: nn::Conv2d,
+    norm: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    gamma: Option<Param>,
+}
+
+/// A LayerNorm over the channels of `[B, C, H, W]`.
+fn norm_channels(norm: &nn::LayerNorm, x: &Tensor) -> Result<Tensor> {
+    use mgm_tensor::nn::Module;
+    Ok(norm
+        .forward(&x.permute(&[0, 2, 3, 1])?)?
+        .permute(&[0, 3, 1, 2])?)
+}
+
+impl TrainableConvNext {
+    /// Loads (or, from a trainable store, creates) the tower by the checkpoint's naming
+    /// (transformers' names for a fresh store).
+    pub fn load(vs: &VarStore, config: &ConvNextConfig) -> Result<TrainableConvNext> {
+        use mgm_tensor::Conv2dParams;
+        config.validate("<ConvNextConfig>")?;
+        let act = parse_act(&config.hidden_act)
+            .map_err(|m| Error::invalid_input("TrainableConvNext::load", m))?;
+        let names = Names::detect(vs)?;
+        let (cin, p, c0) = (
+            config.num_channels,
+            config.patch_size,
+            config.hidden_sizes[0],
+        );
+        let strided = |k: usize| Conv2dParams {
+            stride: (k, k),
+            ..Default::default()
+        };
+        let stem = nn::Conv2d::load(
+            &vs.pp(&names.stem_conv()),
+            cin,
+            c0,
+            (p, p),
+            strided(p),
+            true,
+        )?;
+        let stem_norm = nn::LayerNorm::load(&vs.pp(&names.stem_norm()), c0, f64::from(INNER_EPS))?;
+        let mut stages = Vec::new();
+        let mut prev = c0;
+        let [dw, ln, fc1, fc2, ls] = names.block_parts();
+        for (s, (&ch, &depth)) in config.hidden_sizes.iter().zip(&config.depths).enumerate() {
+            let downsample = if s > 0 {
+                Some((
+                    nn::LayerNorm::load(
+                        &vs.pp(&names.downsample(s, 0)),
+                        prev,
+                        f64::from(INNER_EPS),
+                    )?,
+                    nn::Conv2d::load(
+                        &vs.pp(&names.downsample(s, 1)),
+                        prev,
+                        ch,
+                        (2, 2),
+                        strided(2),
+                        true,
+                    )?,
+                ))
+            } else {
+                None
+            };
+            let mut blocks = Vec::with_capacity(depth);
+            for b in 0..depth {
+                let base = vs.pp(&names.block(s, b));
+                let dw_params = Conv2dParams {
+                    padding: (KS / 2, KS / 2),
+                    groups: ch,
+                    ..Default::default()
+                };
+                let gamma = (config.layer_scale_init_value > 0.0 || base.contains(ls))
+                    .then(|| {
+                        base.param_or_init(ls, &[ch], Init::Const(config.layer_scale_init_value))
+                    })
+                    .transpose()?;
+                blocks.push(TrainableBlock {
+                    dw: nn::Conv2d::load(&base.pp(dw), ch, ch, (KS, KS), dw_params, true)?,
+                    norm: nn::LayerNorm::load(&base.pp(ln), ch, f64::from(INNER_EPS))?,
+                    fc1: nn::Linear::load(&base.pp(fc1), ch, 4 * ch, true)?,
+                    fc2: nn::Linear::load(&base.pp(fc2), 4 * ch, ch, true)?,
+                    gamma,
+                });
+            }
+            stages.push(TrainableStage { downsample, blocks });
+            prev = ch;
+        }
+        Ok(TrainableConvNext {
+            config: config.clone(),
+            act,
+            stem,
+            stem_norm,
+            stages,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ConvNextConfig {
+        &self.config
+    }
+
+    /// Every stage's output `[B, C_s, H_s, W_s]` for `pixel_values` `[B, C, H, W]`.
+    pub fn stage_outputs(&self, pixel_values: &Tensor) -> Result<Vec<Tensor>> {
+        use mgm_tensor::nn::Module;
+        let s = pixel_values.shape();
+        if s.len() != 4 || s[1] != self.config.num_channels {
+            return Err(Error::invalid_input(
+                "TrainableConvNext::forward",
+                format!(
+                    "pixel_values must be [B, {}, H, W], got {s:?}",
+                    self.config.num_channels
+                ),
+            ));
+        }
+        let mut x = norm_channels(&self.stem_norm, &self.stem.forward(pixel_values)?)?;
+        let mut outs = Vec::with_capacity(self.stages.len());
+        for st in &self.stages {
+            if let Some((norm, conv)) = &st.downsample {
+                x = conv.forward(&norm_channels(norm, &x)?)?;
+            }
+            for b in &st.blocks {
+                let h = b.dw.forward(&x)?.permute(&[0, 2, 3, 1])?;
+                let h = b.fc1.forward(&b.norm.forward(&h)?)?.activation(self.act)?;
+                let mut h = b.fc2.forward(&h)?;
+                if let Some(g) = &b.gamma {
+                    h = h.mul(&g.tensor())?;
+                }
+                x = x.add(&h.permute(&[0, 3, 1, 2])?)?;
+            }
+            outs.push(x.clone());
+        }
+        Ok(outs)
+    }
+
+    /// MGM's multi-stage feature map (as [`ConvNextModel::feature_pyramid`]): every stage
+    /// resized bilinearly (align_corners false) to the first stage's grid, concatenated on
+    /// channels.
+    pub fn feature_pyramid(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let outs = self.stage_outputs(pixel_values)?;
+        let (h, w) = (outs[0].shape()[2], outs[0].shape()[3]);
+        let resized = outs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if i == 0 {
+                    Ok(t.clone())
+                } else {
+                    t.interpolate((h, w), mgm_tensor::InterpolateMode::Bilinear, false)
+                }
+            })
+            .collect::<mgm_tensor::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&resized, 1)?)
+    }
 }
 
 #[cfg(test)]
