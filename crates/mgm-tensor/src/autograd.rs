@@ -380,3 +380,107 @@ impl std::fmt::Debug for Var {
         write!(f, "Var({:?})", self.as_tensor())
     }
 }
+
+/// Turns recording on until dropped (inside a backward pass, which runs with it off).
+struct EnableGradGuard {
+    prev: bool,
+}
+
+impl EnableGradGuard {
+    fn new() -> Self {
+        EnableGradGuard {
+            prev: GRAD_ENABLED.with(|g| g.replace(true)),
+        }
+    }
+}
+
+impl Drop for EnableGradGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.prev));
+    }
+}
+
+type Recompute = dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync;
+
+/// The node of [`checkpoint`]: holds the inputs, not the activations inside.
+struct CheckpointBackward {
+    inputs: Vec<Tensor>,
+    /// The leading `n_activations` inputs are activations; the rest are parameters.
+    n_activations: usize,
+    f: Arc<Recompute>,
+}
+
+impl Backward for CheckpointBackward {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+    fn inputs(&self) -> Vec<&Tensor> {
+        self.inputs.iter().collect()
+    }
+    fn backward(&self, _output: &Tensor, grad_output: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let _on = EnableGradGuard::new();
+        // fresh leaves for the activations, so that their gradients can be read back; the
+        // parameters inside `f` are Vars and receive theirs directly from the inner pass
+        let leaves = self.inputs[..self.n_activations]
+            .iter()
+            .map(|t| {
+                if t.is_tracked() && t.dtype().is_float() {
+                    Var::from_tensor(t).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let args: Vec<Tensor> = leaves
+            .iter()
+            .zip(&self.inputs)
+            .map(|(l, t)| l.as_ref().map_or_else(|| t.detach(), Var::as_tensor))
+            .collect();
+        let out = (self.f)(&args)?;
+        if out.is_tracked() {
+            out.backward_with(grad_output)?;
+        }
+        let mut grads: Vec<Option<Tensor>> = leaves
+            .iter()
+            .map(|l| l.as_ref().and_then(Var::grad))
+            .collect();
+        grads.resize(self.inputs.len(), None);
+        Ok(grads)
+    }
+}
+
+/// Activation checkpointing (`torch.utils.checkpoint`): runs `f(activations)` without keeping
+/// its intermediate tensors and records one node that, in backward, runs `f` again with
+/// recording on and backpropagates through it. `params` are the tensors of the `Var`s that `f`
+/// reads (so that the node is recorded even when no activation is tracked); their gradients
+/// accumulate in the `Var`s during the recomputation. `f` must compute the same thing both
+/// times (no randomness).
+///
+/// ```
+/// # use mgm_tensor::{Tensor, Var, checkpoint};
+/// let w = Var::from_tensor(&Tensor::from_vec(vec![2f32], &[1])?)?;
+/// let x = Tensor::from_vec(vec![3f32], &[1])?;
+/// let wc = w.clone();
+/// let y = checkpoint(&[x], &[w.as_tensor()], move |a| a[0].mul(&wc.as_tensor())?.sqr())?;
+/// y.sum_all()?.backward()?; // d(w x)^2 / dw = 2 w x^2 = 36
+/// assert_eq!(w.grad().unwrap().to_vec::<f32>()?, vec![36.0]);
+/// # Ok::<(), mgm_tensor::Error>(())
+/// ```
+pub fn checkpoint(
+    activations: &[Tensor],
+    params: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let inputs: Vec<Tensor> = activations.iter().chain(params).cloned().collect();
+    if !needs_grad(&inputs.iter().collect::<Vec<_>>()) {
+        return f(activations);
+    }
+    let detached: Vec<Tensor> = activations.iter().map(Tensor::detach).collect();
+    let out = no_grad(|| f(&detached))?;
+    let f: Arc<Recompute> = Arc::new(f);
+    Ok(attach(out, || CheckpointBackward {
+        inputs,
+        n_activations: activations.len(),
+        f,
+    }))
+}

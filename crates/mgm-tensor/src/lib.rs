@@ -34,7 +34,7 @@ mod tensor;
 pub mod torch_pickle;
 
 pub use autograd::{
-    Backward, Gradients, NoGradGuard, Var, attach, is_grad_enabled, needs_grad, no_grad,
+    Backward, Gradients, NoGradGuard, Var, attach, checkpoint, is_grad_enabled, needs_grad, no_grad,
 };
 pub use device::Device;
 pub use dtype::{DType, Float, WithDType};

@@ -10,6 +10,7 @@
 //! - [`Trainer`]: one step over micro-batches (gradient accumulation equal to the big batch).
 //! - [`loss`]: causal-LM cross-entropy (ignore_index -100, label smoothing), symmetric
 //!   InfoNCE, L2, adaptive weights of a sum of per-modality losses.
+//! - [`activation`]: activation checkpointing of a layer stack by a `CheckpointPolicy`.
 //! - [`batching`]: batches to a token budget, grouped by modality and length.
 //! - [`checkpoint`]: weights + optimizer + trainer state, written to a temporary directory and
 //!   renamed, so a failed write never replaces the last good checkpoint.
@@ -25,6 +26,7 @@
 //! # Ok::<(), mgm_train::Error>(())
 //! ```
 
+pub mod activation;
 pub mod batching;
 pub mod checkpoint;
 mod grads;

@@ -1649,6 +1649,7 @@ pub struct TrainableConvNext {
     stem: nn::Conv2d,
     stem_norm: nn::LayerNorm,
     stages: Vec<TrainableStage>,
+    _final_norm: Option<nn::LayerNorm>,
 }
 
 struct TrainableStage {
@@ -1746,12 +1747,31 @@ impl TrainableConvNext {
             stages.push(TrainableStage { downsample, blocks });
             prev = ch;
         }
+        // the pooler's norm: unused by the stage outputs, but part of the checkpoint that
+        // ConvNextModel loads (transformers' layout always has it)
+        let final_name = names.final_norm();
+        let final_norm = if names.hf {
+            Some(nn::LayerNorm::load(
+                &vs.pp(&final_name),
+                prev,
+                config.layer_norm_eps,
+            )?)
+        } else if vs.contains(&format!("{final_name}.weight")) {
+            Some(nn::LayerNorm::load(
+                &vs.pp(&final_name),
+                prev,
+                f64::from(INNER_EPS),
+            )?)
+        } else {
+            None
+        };
         Ok(TrainableConvNext {
             config: config.clone(),
             act,
             stem,
             stem_norm,
             stages,
+            _final_norm: final_norm,
         })
     }
 

@@ -16,6 +16,9 @@
 pub mod forward;
 pub mod llava;
 pub mod minigemini;
+pub mod plot;
+pub mod shapes;
+pub mod train;
 
 /// What went wrong loading or running a model; names the file, key or tensor.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,17 @@ pub enum Error {
     /// A fusion-module error (projector type, mining shapes).
     #[error(transparent)]
     Fusion(#[from] mgm_fusion::Error),
+    /// A training error (optimizer settings, checkpoints).
+    #[error(transparent)]
+    Train(#[from] mgm_train::Error),
+    /// A file that could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// Result with the crate's [`Error`].

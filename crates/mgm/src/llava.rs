@@ -393,7 +393,11 @@ mod tests {
             header("system")
         );
         let q = "<image>\nWhat is this?";
-        let want = format!("{system}{sep}{}{q}{sep}{}", header("user"), header("assistant"));
+        let want = format!(
+            "{system}{sep}{}{q}{sep}{}",
+            header("user"),
+            header("assistant")
+        );
         assert_eq!(conversation("llama_3", q).unwrap(), want);
     }
 }

@@ -62,6 +62,34 @@ enum Cmd {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Train an MGM from scratch through the stages of a TOML config (configs/shapes.toml:
+    /// the default model), then report its exact-match accuracy on held-out questions.
+    Train {
+        /// The training config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Output directory: checkpoints/, metrics.jsonl, model/.
+        #[arg(long, default_value = "target/shapes-train")]
+        out: PathBuf,
+        /// Continue from the latest checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
+        /// Stop (with a checkpoint) after this many steps of this run.
+        #[arg(long)]
+        stop_after: Option<u64>,
+        /// Held-out questions to score (default: the config's eval_questions; 0 skips).
+        #[arg(long)]
+        eval: Option<u64>,
+    },
+    /// Draw a training run's loss curve (metrics.jsonl) as an SVG.
+    Plot {
+        /// The metrics file `mgm train` wrote.
+        #[arg(long)]
+        metrics: PathBuf,
+        /// The SVG to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Quantize a causal LM and save it (loads back without re-quantizing, memory-mapped).
     Quantize {
         /// Model directory to read.
@@ -491,6 +519,61 @@ fn generate(a: &GenerateArgs) -> Result<()> {
     )
 }
 
+/// `mgm train`: the stages with a progress bar on stderr, then the held-out accuracy.
+fn train(
+    config: &Path,
+    out: &Path,
+    resume: bool,
+    stop_after: Option<u64>,
+    eval: Option<u64>,
+) -> Result<()> {
+    use mgm::train::{RunDirs, TrainConfig};
+    let cfg = TrainConfig::from_file(config)?;
+    let bar = indicatif::ProgressBar::new(cfg.total_steps());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("a valid template"),
+    );
+    let dirs = RunDirs {
+        out: out.to_path_buf(),
+    };
+    let model = mgm::train::train(&cfg, &dirs, resume, stop_after, |s| {
+        bar.set_position(s.step);
+        bar.set_message(format!(
+            "{} loss {:.4} lr {:.2e} {:.0} tok/s",
+            s.stage, s.loss, s.lr, s.tokens_per_s
+        ));
+    })?;
+    bar.finish();
+    let Some(model) = model else {
+        println!(
+            "stopped; resume with --resume (checkpoints in {})",
+            out.display()
+        );
+        return Ok(());
+    };
+    println!("model written to {}", model.display());
+    let n = eval.unwrap_or(cfg.eval_questions);
+    if n > 0 {
+        let t = std::time::Instant::now();
+        // the held-out split: another seed than training's
+        let acc = mgm::train::evaluate(&model, cfg.seed + 1_000_003, n, cfg.image_size)?;
+        for (kind, (right, asked)) in &acc.by_kind {
+            println!("  {kind:<14} {right}/{asked}");
+        }
+        println!(
+            "held-out exact match: {}/{} = {:.1}% ({:.1} s)",
+            acc.correct,
+            acc.total,
+            100.0 * acc.ratio(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -512,6 +595,16 @@ fn main() -> ExitCode {
             vision_tower_aux,
         ),
         Cmd::Generate(args) => generate(&args),
+        Cmd::Plot { metrics, output } => mgm::plot::loss_curve(&metrics, &output)
+            .map_err(anyhow::Error::from)
+            .map(|()| println!("wrote {}", output.display())),
+        Cmd::Train {
+            config,
+            out,
+            resume,
+            stop_after,
+            eval,
+        } => train(&config, &out, resume, stop_after, eval),
         Cmd::Convert { input, output } => convert(&input, &output),
         Cmd::Quantize {
             model,

@@ -26,7 +26,7 @@ use mgm_fusion::{PatchInfoMining, Projector, ProjectorType};
 use mgm_llm::{CausalLm, DecoderConfig, QuantFormat};
 use mgm_tensor::{DType, InterpolateMode, Tensor};
 use mgm_vision::clip::{ClipVisionConfig, ClipVisionModel};
-use mgm_vision::convnext::{ConvNextConfig, ConvNextModel};
+use mgm_vision::convnext::{ConvNextConfig, ConvNextModel, TrainableConvNext};
 use serde_json::Value;
 
 use crate::{Error, Result};
@@ -42,7 +42,11 @@ const CLIP_PROBE: &str = "vision_model.embeddings.patch_embedding.weight";
 /// The same for the ConvNeXt: `model.vision_tower_aux` is an `OpenCLIPVisionTower` holding the
 /// OpenCLIP model as `clip_model`, whose trunk is `visual.trunk.*`.
 const AUX_IN_CHECKPOINT: &str = "model.vision_tower_aux.clip_model";
-const AUX_PROBE: &str = "visual.trunk.stem.0.weight";
+/// OpenCLIP's names, or transformers' (what [`Mgm::new_trainable`] writes).
+const AUX_PROBES: [&str; 2] = [
+    "visual.trunk.stem.0.weight",
+    "embeddings.patch_embeddings.weight",
+];
 
 /// MGM's multimodal config keys.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,16 +132,41 @@ pub struct TowerDirs {
     pub vision_tower_aux: Option<PathBuf>,
 }
 
+/// The high-res tower: the packed inference model, or the autograd one being trained.
+enum HighRes {
+    Packed(ConvNextModel),
+    Autograd(TrainableConvNext),
+}
+
+/// Everything that defines an MGM to build from scratch ([`Mgm::new_trainable`]): the
+/// decoder's config.json keys, the CLIP tower's, the ConvNeXt's and MGM's own.
+#[derive(Clone, Debug)]
+pub struct MgmSpec {
+    /// The decoder's config (transformers keys; `architectures` names the family).
+    pub text: Value,
+    /// The CLIP vision config (transformers' CLIPVisionConfig keys).
+    pub clip: Value,
+    /// The ConvNeXt config (transformers' ConvNextConfig keys).
+    pub convnext: Value,
+    /// The CLIP hidden state the low-res features come from.
+    pub select_layer: isize,
+    /// The high-res input size.
+    pub image_size_aux: usize,
+}
+
 /// A loaded MGM model.
 pub struct Mgm {
     clip: ClipVisionModel,
-    convnext: ConvNextModel,
+    convnext: HighRes,
     mining: PatchInfoMining,
     projector: Projector,
     lm: CausalLm,
     config: MgmConfig,
-    /// The trainable store of the mining and projector parameters, when loaded for training.
+    /// The trainable store: the mining and projector parameters of
+    /// [`Mgm::from_dir_train_fusion`], or every parameter of [`Mgm::new_trainable`].
     fusion_vs: Option<mgm_tensor::nn::VarStore>,
+    /// What [`Mgm::new_trainable`] was built from (for [`Mgm::save`]).
+    spec: Option<MgmSpec>,
 }
 
 fn resolve(dir: &Path, given: &Option<PathBuf>, from_config: &str) -> PathBuf {
@@ -218,7 +247,7 @@ impl Mgm {
         }
         .map_err(|e| tower_err("mm_vision_tower", &clip_dir, e.to_string()))?;
         let in_ckpt = vs.pp(AUX_IN_CHECKPOINT);
-        let convnext = if in_ckpt.contains(AUX_PROBE) {
+        let convnext = if AUX_PROBES.iter().any(|p| in_ckpt.contains(p)) {
             ConvNextConfig::from_weights(&in_ckpt)
                 .and_then(|c| ConvNextModel::load(&in_ckpt, &c, DType::F32))
         } else {
@@ -260,13 +289,145 @@ impl Mgm {
         };
         Ok(Mgm {
             clip,
-            convnext,
+            convnext: HighRes::Packed(convnext),
             mining,
             projector,
             lm,
             config,
             fusion_vs,
+            spec: None,
         })
+    }
+
+    /// A fresh MGM to train from scratch (the normal variant, `mlp2x_gelu`): every parameter a
+    /// `Var` of one trainable store, initialised from `seed`, named as an MGM checkpoint holding
+    /// its towers (see the module doc). [`Mgm::trainable_vars`] lists them; [`Mgm::save`]
+    /// writes a directory that [`Mgm::from_dir`] loads.
+    pub fn new_trainable(spec: &MgmSpec, seed: u64) -> Result<Mgm> {
+        let what = "MgmSpec";
+        let text_cfg = DecoderConfig::from_json_str(&spec.text.to_string(), what)?;
+        let clip_cfg = ClipVisionConfig::from_json_str(&spec.clip.to_string(), what)?;
+        let cn_cfg = ConvNextConfig::from_json_str(&spec.convnext.to_string(), what)?;
+        let backbone = text_cfg.arch;
+        let config = MgmConfig {
+            backbone,
+            select_layer: spec.select_layer,
+            keep_cls: false,
+            projector: ProjectorType::parse("mlp2x_gelu")?,
+            vision_tower: "clip".into(),
+            vision_tower_aux: "convnext".into(),
+            image_size_aux: spec.image_size_aux,
+            image_grid: 1,
+        };
+        let vs = mgm_tensor::nn::VarStore::new_trainable(seed);
+        let clip = ClipVisionModel::load(&vs.pp(CLIP_IN_CHECKPOINT), &clip_cfg)?;
+        let convnext = TrainableConvNext::load(&vs.pp(AUX_IN_CHECKPOINT), &cn_cfg)?;
+        let lr_dim = clip_cfg.hidden_size;
+        let hr_dim: usize = cn_cfg.hidden_sizes.iter().sum();
+        let mining = PatchInfoMining::load(&vs.pp("model"), lr_dim, hr_dim)?;
+        let projector = Projector::load(
+            &vs.pp("model.mm_projector"),
+            config.projector,
+            lr_dim,
+            text_cfg.hidden_size,
+        )?;
+        let lm = CausalLm::load(&vs, &text_cfg)?;
+        // transformers' _init_weights for the decoder: N(0, initializer_range) matrices (the
+        // embedding included; PyTorch's N(0, 1) embedding would give tied logits of size
+        // sqrt(hidden))
+        let std = spec.text["initializer_range"].as_f64().unwrap_or(0.02);
+        for (i, (name, var)) in vs.all_vars().into_iter().enumerate() {
+            let t = var.as_tensor();
+            if t.rank() == 2
+                && !name.starts_with("model.vision_tower")
+                && !name.contains("vlm_uni")
+                && !name.contains("mm_projector")
+            {
+                let fresh = Tensor::randn(
+                    seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+                    t.shape(),
+                    0.0,
+                    std,
+                    DType::F32,
+                    mgm_tensor::Device::Cpu,
+                )?;
+                var.set(&fresh)?;
+            }
+        }
+        Ok(Mgm {
+            clip,
+            convnext: HighRes::Autograd(convnext),
+            mining,
+            projector,
+            lm,
+            config,
+            fusion_vs: Some(vs),
+            spec: Some(spec.clone()),
+        })
+    }
+
+    /// The parameters of a model from [`Mgm::new_trainable`] by checkpoint name (towers,
+    /// fusion and decoder), or the fusion ones of [`Mgm::from_dir_train_fusion`].
+    pub fn trainable_vars(&self) -> Vec<(String, mgm_tensor::Var)> {
+        self.fusion_vars()
+    }
+
+    /// Writes a model from [`Mgm::new_trainable`] as an MGM checkpoint directory:
+    /// config.json (the decoder's keys and MGM's), model.safetensors (every parameter, the
+    /// towers under MGM's module names) and clip/config.json (the CLIP shape).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let (Some(spec), Some(vs)) = (&self.spec, &self.fusion_vs) else {
+            return Err(Error::Input {
+                name: "Mgm::save".into(),
+                msg: "only a model built by Mgm::new_trainable can be saved".into(),
+            });
+        };
+        let io = |p: &Path, e: std::io::Error| Error::Io {
+            path: p.display().to_string(),
+            source: e,
+        };
+        std::fs::create_dir_all(dir.join("clip")).map_err(|e| io(dir, e))?;
+        let mut cfg = spec.text.clone();
+        let family = match self.config.backbone {
+            mgm_llm::Arch::Llama => ("MGMLlamaForCausalLM", "mgm"),
+            mgm_llm::Arch::Gemma => ("MGMGemmaForCausalLM", "mgm_gemma"),
+            mgm_llm::Arch::Mixtral => ("MGMMixtralForCausalLM", "mgm_mixtral"),
+            mgm_llm::Arch::Mistral => ("MGMMistralForCausalLM", "mgm_mistral"),
+        };
+        let hr: usize = match &self.convnext {
+            HighRes::Packed(m) => m.config().hidden_sizes.iter().sum(),
+            HighRes::Autograd(m) => m.config().hidden_sizes.iter().sum(),
+        };
+        let extra = serde_json::json!({
+            "architectures": [family.0], "model_type": family.1,
+            "mm_vision_tower": "clip", "mm_vision_tower_aux": "convnext",
+            "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": self.clip.config().hidden_size,
+            "mm_hidden_size_aux": hr, "mm_vision_select_layer": self.config.select_layer,
+            "mm_vision_select_feature": "patch", "image_size_aux": self.config.image_size_aux,
+            "image_grid": 1, "image_global": false,
+        });
+        if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        let write = |p: PathBuf, v: &Value| {
+            std::fs::write(
+                &p,
+                serde_json::to_string_pretty(v).expect("plain JSON") + "\n",
+            )
+            .map_err(|e| io(&p, e))
+        };
+        write(dir.join("config.json"), &cfg)?;
+        write(dir.join("clip").join("config.json"), &spec.clip)?;
+        let vars = vs.all_vars();
+        let tensors: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        mgm_tensor::safetensors::save(
+            dir.join("model.safetensors"),
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        )?;
+        Ok(())
     }
 
     /// The multimodal configuration.
@@ -348,7 +509,10 @@ impl Mgm {
                 &derived
             }
         };
-        let x_hr = self.convnext.feature_pyramid(pixel_values_aux)?;
+        let x_hr = match &self.convnext {
+            HighRes::Packed(m) => m.feature_pyramid(pixel_values_aux)?,
+            HighRes::Autograd(m) => m.feature_pyramid(pixel_values_aux)?,
+        };
         let (low, x_hr) = if self.config.image_grid > 1 {
             (self.hd_views(low)?, self.hd_views(&x_hr.contiguous()?)?)
         } else {

@@ -1,0 +1,322 @@
+//! The procedural dataset the default model is trained on: images of one to three coloured
+//! shapes (circle, square, triangle, star in six colours, one per quadrant, varied positions
+//! and sizes, on a noisy background) with questions and single-answer replies:
+//!
+//! - "What colour is the square?" -> "red" (asked of a shape that appears once);
+//! - "How many shapes are there?" -> "one" / "two" / "three";
+//! - "Is there a red circle?" -> "yes" / "no" (half and half);
+//! - "Where is the triangle?" -> "top left" / "top right" / "bottom left" / "bottom right".
+//!
+//! Sample `i` of a split is a pure function of the split's seed and `i`, so a training run can
+//! stop and resume anywhere and the held-out split never overlaps the training one.
+//!
+//! ```
+//! let s = mgm::shapes::sample(7, 0, 64);
+//! assert_eq!((s.image.width(), s.image.height()), (64, 64));
+//! assert!(s.question.ends_with('?') && !s.answer.is_empty());
+//! ```
+
+use mgm_vision::RgbImage;
+
+/// The colours and their RGB values.
+pub const COLOURS: [(&str, [u8; 3]); 6] = [
+    ("red", [220, 40, 40]),
+    ("green", [40, 170, 60]),
+    ("blue", [40, 80, 225]),
+    ("yellow", [235, 215, 40]),
+    ("purple", [150, 60, 190]),
+    ("orange", [245, 140, 30]),
+];
+/// The shapes.
+pub const SHAPES: [&str; 4] = ["circle", "square", "triangle", "star"];
+/// Where an object is: its quadrant.
+pub const PLACES: [&str; 4] = ["top left", "top right", "bottom left", "bottom right"];
+const COUNTS: [&str; 3] = ["one", "two", "three"];
+
+/// One object: shape and colour indices, quadrant, centre and radius as fractions of the image.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Object {
+    /// Index into [`SHAPES`].
+    pub shape: usize,
+    /// Index into [`COLOURS`].
+    pub colour: usize,
+    /// Index into [`PLACES`].
+    pub quadrant: usize,
+    cx: f32,
+    cy: f32,
+    r: f32,
+}
+
+/// A rendered sample.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// The picture.
+    pub image: RgbImage,
+    /// The objects in it.
+    pub objects: Vec<Object>,
+    /// The question.
+    pub question: String,
+    /// The expected answer.
+    pub answer: String,
+}
+
+/// SplitMix64: a small seeded generator.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64, index: u64) -> Rng {
+        let mut r = Rng(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        r.next();
+        r
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// True when (x, y), relative to the centre in radii, is inside the shape.
+fn inside(shape: usize, x: f32, y: f32) -> bool {
+    match shape {
+        0 => x * x + y * y <= 1.0,
+        1 => x.abs() <= 0.8 && y.abs() <= 0.8,
+        2 => {
+            // an upright triangle: apex (0, -1), base at y = 0.7, half width 0.95 there
+            y <= 0.7 && y >= -1.0 && x.abs() <= 0.95 * (y + 1.0) / 1.7
+        }
+        _ => {
+            // a five-pointed star: radius between 0.45 and 1 by angle
+            let r = (x * x + y * y).sqrt();
+            let a = y.atan2(x) + std::f32::consts::FRAC_PI_2;
+            let sector = std::f32::consts::TAU / 5.0;
+            let t = (a.rem_euclid(sector) / sector - 0.5).abs() * 2.0; // 0 at a point, 1 between
+            r <= 1.0 - 0.55 * t
+        }
+    }
+}
+
+/// The scene of sample `index` of the split `seed`.
+fn scene(rng: &mut Rng) -> Vec<Object> {
+    let n = 1 + rng.below(3);
+    let mut quadrants = [0, 1, 2, 3];
+    for i in (1..4).rev() {
+        quadrants.swap(i, rng.below(i + 1));
+    }
+    quadrants[..n]
+        .iter()
+        .map(|&q| {
+            let r = 0.11 + 0.08 * rng.unit();
+            let (qx, qy) = ((q % 2) as f32 * 0.5, (q / 2) as f32 * 0.5);
+            let span = 0.5 - 2.0 * r - 0.04;
+            Object {
+                shape: rng.below(SHAPES.len()),
+                colour: rng.below(COLOURS.len()),
+                quadrant: q,
+                cx: qx + 0.02 + r + span * rng.unit(),
+                cy: qy + 0.02 + r + span * rng.unit(),
+                r,
+            }
+        })
+        .collect()
+}
+
+fn render(objects: &[Object], size: usize, rng: &mut Rng) -> RgbImage {
+    let base: [i32; 3] = [
+        90 + rng.below(60) as i32,
+        90 + rng.below(60) as i32,
+        90 + rng.below(60) as i32,
+    ];
+    let mut data = Vec::with_capacity(size * size * 3);
+    for py in 0..size {
+        for px in 0..size {
+            let (x, y) = (
+                (px as f32 + 0.5) / size as f32,
+                (py as f32 + 0.5) / size as f32,
+            );
+            let hit = objects
+                .iter()
+                .find(|o| inside(o.shape, (x - o.cx) / o.r, (y - o.cy) / o.r));
+            let noise = rng.below(31) as i32 - 15;
+            let c = match hit {
+                Some(o) => COLOURS[o.colour].1.map(i32::from),
+                None => base,
+            };
+            data.extend(c.map(|v| (v + noise).clamp(0, 255) as u8));
+        }
+    }
+    RgbImage::new(size, size, data).expect("size * size * 3 bytes")
+}
+
+/// Sample `index` of the split `seed`: a `size` x `size` image and one question about it.
+pub fn sample(seed: u64, index: u64, size: usize) -> Sample {
+    let mut rng = Rng::new(seed, index);
+    let objects = scene(&mut rng);
+    let image = render(&objects, size, &mut rng);
+    let unique: Vec<&Object> = objects
+        .iter()
+        .filter(|o| objects.iter().filter(|p| p.shape == o.shape).count() == 1)
+        .collect();
+    let (question, answer) = loop {
+        match rng.below(4) {
+            0 if !unique.is_empty() => {
+                let o = unique[rng.below(unique.len())];
+                break (
+                    format!("What colour is the {}?", SHAPES[o.shape]),
+                    COLOURS[o.colour].0.to_string(),
+                );
+            }
+            1 => {
+                break (
+                    "How many shapes are there?".to_string(),
+                    COUNTS[objects.len() - 1].to_string(),
+                );
+            }
+            2 => {
+                let (shape, colour, yes) = if rng.below(2) == 0 {
+                    let o = objects[rng.below(objects.len())];
+                    (o.shape, o.colour, true)
+                } else {
+                    let (s, c) = loop {
+                        let (s, c) = (rng.below(SHAPES.len()), rng.below(COLOURS.len()));
+                        if !objects.iter().any(|o| o.shape == s && o.colour == c) {
+                            break (s, c);
+                        }
+                    };
+                    (s, c, false)
+                };
+                break (
+                    format!("Is there a {} {}?", COLOURS[colour].0, SHAPES[shape]),
+                    if yes { "yes" } else { "no" }.to_string(),
+                );
+            }
+            3 if !unique.is_empty() => {
+                let o = unique[rng.below(unique.len())];
+                break (
+                    format!("Where is the {}?", SHAPES[o.shape]),
+                    PLACES[o.quadrant].to_string(),
+                );
+            }
+            _ => {}
+        }
+    };
+    Sample {
+        image,
+        objects,
+        question,
+        answer,
+    }
+}
+
+/// GPT-2's byte-to-character map of byte-level tokenizers: printable bytes stand for
+/// themselves, the others for the characters from U+0100 on.
+fn byte_chars() -> Vec<char> {
+    let keep =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256u32;
+    (0u32..256)
+        .map(|b| {
+            if keep(b) {
+                char::from_u32(b).expect("a byte is a char")
+            } else {
+                let c = char::from_u32(next).expect("below U+0200");
+                next += 1;
+                c
+            }
+        })
+        .collect()
+}
+
+/// The default model's tokenizer: one token per byte (ids 0..=255) and `<s>` (256, added in
+/// front by the post-processor), `</s>` (257), `<pad>` (258); as `tokenizer.json` and
+/// `tokenizer_config.json` for the `tokenizers` crate and transformers alike.
+pub fn byte_tokenizer() -> (serde_json::Value, serde_json::Value) {
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), serde_json::json!(i)))
+        .collect();
+    let added = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+    };
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+                                        "trim_offsets": false, "use_regex": false});
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [added(256, "<s>"), added(257, "</s>"), added(258, "<pad>")],
+        "normalizer": null, "pre_tokenizer": byte_level, "decoder": byte_level,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [256], "tokens": ["<s>"]}}
+        },
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    let cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+                                 "add_bos_token": true, "model_max_length": 256,
+                                 "tokenizer_class": "PreTrainedTokenizerFast"});
+    (tok, cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn questions_are_answerable_from_the_scene() {
+        for i in 0..300 {
+            let s = sample(1, i, 48);
+            let n = s.objects.len();
+            assert!((1..=3).contains(&n));
+            let q = s.question.as_str();
+            if q == "How many shapes are there?" {
+                assert_eq!(s.answer, COUNTS[n - 1]);
+            } else if let Some(rest) = q.strip_prefix("What colour is the ") {
+                let shape = rest.trim_end_matches('?');
+                let o = s.objects.iter().find(|o| SHAPES[o.shape] == shape).unwrap();
+                assert_eq!(s.answer, COLOURS[o.colour].0);
+            } else if let Some(rest) = q.strip_prefix("Where is the ") {
+                let shape = rest.trim_end_matches('?');
+                let o = s.objects.iter().find(|o| SHAPES[o.shape] == shape).unwrap();
+                assert_eq!(s.answer, PLACES[o.quadrant]);
+            } else {
+                let rest = q.strip_prefix("Is there a ").unwrap().trim_end_matches('?');
+                let (c, sh) = rest.split_once(' ').unwrap();
+                let present = s
+                    .objects
+                    .iter()
+                    .any(|o| COLOURS[o.colour].0 == c && SHAPES[o.shape] == sh);
+                assert_eq!(s.answer, if present { "yes" } else { "no" });
+            }
+            // every object is drawn: its centre pixel has its colour (give or take the noise)
+            for o in &s.objects {
+                let (x, y) = ((o.cx * 48.0) as usize, (o.cy * 48.0) as usize);
+                let p = s.image.pixel(x, y);
+                let want = COLOURS[o.colour].1;
+                assert!(
+                    p.iter()
+                        .zip(want)
+                        .all(|(a, b)| (i32::from(*a) - i32::from(b)).abs() <= 15),
+                    "sample {i}: {p:?} vs {want:?}"
+                );
+            }
+        }
+        assert_eq!(
+            sample(1, 5, 48).image.as_bytes(),
+            sample(1, 5, 48).image.as_bytes()
+        );
+    }
+}

@@ -1,0 +1,527 @@
+//! `mgm train`: a small MGM trained from scratch on the procedural shapes dataset
+//! ([`crate::shapes`]) through staged training, from a TOML config (configs/shapes.toml).
+//!
+//! The config names the model (`[model.text]`, `[model.clip]`, `[model.convnext]`: the
+//! transformers config keys of the decoder and the two towers), the parameter groups by name
+//! pattern (`[groups.NAME] patterns = [...]`, the first matching group takes a parameter) and
+//! the stages (`[[stage]] name, steps, lr = { group = lr, ... }`): a group without an lr in a
+//! stage is frozen there. Every stage starts a fresh AdamW with linear warmup and cosine decay.
+//! Checkpoints (every `checkpoint_every` steps and at each stage's end) go to `OUT/checkpoints`
+//! and a run resumes from the latest one with the same losses as an uninterrupted run; the
+//! metrics go to `OUT/metrics.jsonl`, the final model to `OUT/model`, and the held-out
+//! exact-match accuracy is measured by greedy generation with the saved model reloaded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use mgm_llm::{GenerateOptions, Generation, Tokenizer};
+use mgm_tensor::{DType, Tensor};
+use mgm_train::checkpoint::{self, TrainerState};
+use mgm_train::loss::{IGNORE_INDEX, causal_lm_loss};
+use mgm_train::{GroupSpec, Optimizer, Schedule, Trainer};
+use mgm_vision::ImageProcessor;
+use serde::Deserialize;
+
+use crate::minigemini::{IMAGE_TOKEN_INDEX, Mgm, MgmSpec, TowerDirs};
+use crate::{Error, Result};
+
+/// One stage of the config.
+#[derive(Clone, Debug, Deserialize)]
+pub struct StageConfig {
+    /// A name for logs.
+    pub name: String,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Learning rate per group name; groups not listed are frozen.
+    pub lr: BTreeMap<String, f64>,
+    /// Warmup steps (default 5% of the stage).
+    pub warmup: Option<u64>,
+}
+
+/// A parameter group of the config.
+#[derive(Clone, Debug, Deserialize)]
+pub struct GroupConfig {
+    /// Glob patterns over parameter names.
+    pub patterns: Vec<String>,
+}
+
+/// The model part of the config.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ModelConfig {
+    /// The decoder's config.json keys.
+    pub text: serde_json::Value,
+    /// The CLIP tower's config keys.
+    pub clip: serde_json::Value,
+    /// The ConvNeXt tower's config keys.
+    pub convnext: serde_json::Value,
+    /// The CLIP hidden state the low-res features come from.
+    #[serde(default = "default_select")]
+    pub select_layer: isize,
+}
+
+fn default_select() -> isize {
+    -2
+}
+
+/// A training config (configs/shapes.toml).
+#[derive(Clone, Debug, Deserialize)]
+pub struct TrainConfig {
+    /// Seed of the initialisation and of the training split.
+    pub seed: u64,
+    /// Side of the rendered (high-res) image.
+    pub image_size: usize,
+    /// Samples per step.
+    pub batch_size: usize,
+    /// Held-out questions for the final accuracy.
+    pub eval_questions: u64,
+    /// AdamW betas.
+    pub betas: (f64, f64),
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this.
+    pub clip_norm: f64,
+    /// Steps between checkpoints.
+    pub checkpoint_every: u64,
+    /// The model.
+    pub model: ModelConfig,
+    /// Parameter groups, in matching order.
+    pub groups: BTreeMap<String, GroupConfig>,
+    /// Order of the groups (the first matching group takes a parameter).
+    pub group_order: Vec<String>,
+    /// The stages, in order.
+    pub stage: Vec<StageConfig>,
+}
+
+impl TrainConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let cfg: TrainConfig = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        let err = |msg: String| Error::Config {
+            path: path.display().to_string(),
+            msg,
+        };
+        for g in &cfg.group_order {
+            if !cfg.groups.contains_key(g) {
+                return Err(err(format!(
+                    "group_order names {g:?}, which [groups] lacks"
+                )));
+            }
+        }
+        for s in &cfg.stage {
+            if let Some(g) = s.lr.keys().find(|g| !cfg.groups.contains_key(*g)) {
+                return Err(err(format!(
+                    "stage {:?} sets an lr for unknown group {g:?}",
+                    s.name
+                )));
+            }
+        }
+        if cfg.stage.is_empty() || cfg.batch_size == 0 {
+            return Err(err("need at least one [[stage]] and batch_size > 0".into()));
+        }
+        Ok(cfg)
+    }
+
+    /// Total optimizer steps over all stages.
+    pub fn total_steps(&self) -> u64 {
+        self.stage.iter().map(|s| s.steps).sum()
+    }
+}
+
+/// What the loop reports after every step (for a progress bar and the metrics file).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepInfo {
+    /// Global step (over all stages), 1-based.
+    pub step: u64,
+    /// Stage name.
+    pub stage: String,
+    /// The batch's loss.
+    pub loss: f64,
+    /// The lr of the first trained group.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens per second of this step (forward + backward + update).
+    pub tokens_per_s: f64,
+    /// Seconds since the run started (or resumed).
+    pub elapsed_s: f64,
+}
+
+/// The byte tokenizer written beside the model.
+fn write_tokenizer(dir: &Path) -> Result<()> {
+    let (tok, cfg) = crate::shapes::byte_tokenizer();
+    for (name, v) in [("tokenizer.json", tok), ("tokenizer_config.json", cfg)] {
+        let p = dir.join(name);
+        std::fs::write(&p, serde_json::to_string(&v).expect("plain JSON")).map_err(|e| {
+            Error::Io {
+                path: p.display().to_string(),
+                source: e,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// One sample's spliced ids and labels: the prompt as `mgm generate` builds it (BOS, the
+/// image placeholder, "\n" and the question), then the answer and EOS, which alone are
+/// trained on. `tokens_per_image` placeholder positions stand for the image in the labels.
+fn encode(
+    tok: &Tokenizer,
+    question: &str,
+    answer: &str,
+    eos: u32,
+    tokens_per_image: usize,
+) -> Result<(Vec<i64>, Vec<i64>)> {
+    let text = crate::llava::with_markers(question, 1);
+    let (mut ids, _) = crate::llava::prompt_ids(tok, &text, 1, 1, IMAGE_TOKEN_INDEX, true)?;
+    let prompt_len = ids.len() - 1 + tokens_per_image;
+    let mut labels = vec![IGNORE_INDEX; prompt_len];
+    for t in tok.encode(answer, false)?.into_iter().chain([eos]) {
+        ids.push(i64::from(t));
+        labels.push(i64::from(t));
+    }
+    Ok((ids, labels))
+}
+
+/// The loss of one batch of samples `first..first + n` of the training split.
+fn batch_loss(
+    model: &Mgm,
+    tok: &Tokenizer,
+    processor: &ImageProcessor,
+    cfg: &TrainConfig,
+    first: u64,
+) -> Result<(Tensor, usize)> {
+    let eos = *model
+        .language_model()
+        .config()
+        .eos_token_ids
+        .first()
+        .ok_or_else(|| Error::Input {
+            name: "model.text".into(),
+            msg: "the decoder config needs an eos_token_id".into(),
+        })?;
+    let samples: Vec<_> = (0..cfg.batch_size as u64)
+        .map(|i| crate::shapes::sample(cfg.seed, first + i, cfg.image_size))
+        .collect();
+    let images: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();
+    let toks = model.image_tokens(&processor.preprocess_padded(&images)?, None)?;
+    let per_image = toks.shape()[1];
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    for (i, s) in samples.iter().enumerate() {
+        let (ids, lab) = encode(tok, &s.question, &s.answer, eos, per_image)?;
+        let t = ids.len();
+        let x = model.embed(
+            &Tensor::from_vec(ids, &[1, t])?,
+            Some(&toks.narrow(0, i, 1)?),
+        )?;
+        rows.push(x);
+        labels.push(lab);
+    }
+    let t_max = labels.iter().map(Vec::len).max().unwrap_or(0);
+    let hidden = model.language_model().config().hidden_size;
+    let mut padded = Vec::new();
+    let mut flat = Vec::new();
+    let mut counted = 0;
+    for (x, mut lab) in rows.into_iter().zip(labels) {
+        let t = lab.len();
+        counted += lab.iter().filter(|&&l| l != IGNORE_INDEX).count();
+        // right padding: causal attention never lets a real position see it
+        padded.push(if t < t_max {
+            Tensor::cat(
+                &[
+                    x,
+                    Tensor::zeros(&[1, t_max - t, hidden], DType::F32, mgm_tensor::Device::Cpu)?,
+                ],
+                1,
+            )?
+        } else {
+            x
+        });
+        lab.resize(t_max, IGNORE_INDEX);
+        flat.extend(lab);
+    }
+    let b = padded.len();
+    let x = Tensor::cat(&padded, 0)?;
+    let logits = model.language_model().forward_embeds(&x, None)?;
+    let labels = Tensor::from_vec(flat, &[b, t_max])?;
+    Ok((
+        causal_lm_loss(&logits, &labels, 0.0)?,
+        counted.max(1) + b * t_max,
+    ))
+}
+
+/// The optimizer of stage `s`: its groups with an lr, the other groups' parameters frozen.
+fn stage_optimizer(model: &Mgm, cfg: &TrainConfig, s: &StageConfig) -> Result<Optimizer> {
+    let vars = model.trainable_vars();
+    let group_of = |name: &str| {
+        cfg.group_order.iter().find(|g| {
+            cfg.groups[*g]
+                .patterns
+                .iter()
+                .any(|p| mgm_train::optim::glob(p, name))
+        })
+    };
+    let mut frozen = Vec::new();
+    let mut groups = Vec::new();
+    for g in &cfg.group_order {
+        if let Some(&lr) = s.lr.get(g) {
+            groups.push(
+                GroupSpec::new(g, &[], lr)
+                    .betas(cfg.betas.0, cfg.betas.1)
+                    .weight_decay(cfg.weight_decay),
+            );
+        }
+    }
+    // each trained parameter goes to its group by exact name
+    for (name, _) in &vars {
+        match group_of(name) {
+            Some(g) if s.lr.contains_key(g) => {
+                let spec = groups
+                    .iter_mut()
+                    .find(|x| &x.name == g)
+                    .expect("made above");
+                spec.patterns.push(name.clone());
+            }
+            Some(_) => frozen.push(name.clone()),
+            None => {
+                return Err(Error::Input {
+                    name: "groups".into(),
+                    msg: format!("parameter {name:?} matches no group in group_order"),
+                });
+            }
+        }
+    }
+    groups.retain(|g| !g.patterns.is_empty());
+    let frozen: Vec<&str> = frozen.iter().map(String::as_str).collect();
+    Ok(Optimizer::adamw(vars, groups, &frozen)?)
+}
+
+/// Where a run writes.
+pub struct RunDirs {
+    /// The output root.
+    pub out: PathBuf,
+}
+
+impl RunDirs {
+    fn checkpoints(&self) -> PathBuf {
+        self.out.join("checkpoints")
+    }
+    /// The final model directory.
+    pub fn model(&self) -> PathBuf {
+        self.out.join("model")
+    }
+    fn metrics(&self) -> PathBuf {
+        self.out.join("metrics.jsonl")
+    }
+}
+
+/// Trains the model of `cfg` through its stages into `dirs`, resuming from the latest
+/// checkpoint when `resume` (and one exists). `stop_after` ends the run after that many steps
+/// of this invocation (a checkpoint is written there), for tests of resuming. `on_step` sees
+/// every step. Returns the final model directory (written only when all stages are done).
+pub fn train(
+    cfg: &TrainConfig,
+    dirs: &RunDirs,
+    resume: bool,
+    stop_after: Option<u64>,
+    mut on_step: impl FnMut(&StepInfo),
+) -> Result<Option<PathBuf>> {
+    let spec = MgmSpec {
+        text: cfg.model.text.clone(),
+        clip: cfg.model.clip.clone(),
+        convnext: cfg.model.convnext.clone(),
+        select_layer: cfg.model.select_layer,
+        image_size_aux: cfg.image_size,
+    };
+    let model = Mgm::new_trainable(&spec, cfg.seed)?;
+    std::fs::create_dir_all(&dirs.out).map_err(|e| Error::Io {
+        path: dirs.out.display().to_string(),
+        source: e,
+    })?;
+    write_tokenizer(&dirs.out)?;
+    let tok = Tokenizer::from_dir(&dirs.out)?;
+    let processor = ImageProcessor::clip(cfg.image_size);
+    let ckpts = dirs.checkpoints();
+    // where to start: (stage, step within it, global step)
+    let mut start = (0usize, 0u64);
+    let mut restored: Option<(PathBuf, TrainerState)> = None;
+    if resume && let Some(c) = checkpoint::latest(&ckpts)? {
+        let text = std::fs::read_to_string(c.join("trainer_state.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let stage = v["extra"]["stage"].as_u64().unwrap_or(0) as usize;
+        let in_stage = v["extra"]["stage_step"].as_u64().unwrap_or(0);
+        start = (stage, in_stage);
+        restored = Some((
+            c,
+            TrainerState {
+                step: 0,
+                scaler: None,
+                extra: v["extra"].clone(),
+            },
+        ));
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dirs.metrics())
+        .map_err(|e| Error::Io {
+            path: dirs.metrics().display().to_string(),
+            source: e,
+        })?;
+    let t0 = Instant::now();
+    let mut done_here = 0u64;
+    let mut global: u64 = cfg.stage[..start.0].iter().map(|s| s.steps).sum::<u64>() + start.1;
+    for (si, stage) in cfg.stage.iter().enumerate().skip(start.0) {
+        let opt = stage_optimizer(&model, cfg, stage)?;
+        let warmup = stage.warmup.unwrap_or(stage.steps / 20);
+        let mut trainer = Trainer::new(
+            opt,
+            Schedule::WarmupCosine {
+                warmup,
+                total: stage.steps,
+                min_ratio: 0.05,
+            },
+        );
+        trainer.clip = Some(cfg.clip_norm);
+        if let Some((c, _)) = restored.take().filter(|_| si == start.0) {
+            let weights = if start.1 == 0 {
+                // written at the previous stage's end: the weights, and a fresh optimizer
+                mgm_tensor::safetensors::load(c.join("model.safetensors"))?
+            } else {
+                let (st, weights) = checkpoint::load(&c, &mut trainer.opt)?;
+                trainer.step = st.step;
+                weights
+            };
+            for (name, var) in model.trainable_vars() {
+                let w = weights.get(&name).ok_or_else(|| Error::Input {
+                    name: c.display().to_string(),
+                    msg: format!("the checkpoint has no {name:?}"),
+                })?;
+                var.set(w)?;
+            }
+        }
+        let first_step = if si == start.0 { start.1 } else { 0 };
+        for k in first_step..stage.steps {
+            let ts = Instant::now();
+            let sample0 = global * cfg.batch_size as u64;
+            let mut tokens = 0;
+            let r = trainer.step(&[1.0], |_| {
+                let (l, n) = batch_loss(&model, &tok, &processor, cfg, sample0)
+                    .map_err(|e| mgm_train::Error::Input(e.to_string()))?;
+                tokens = n;
+                Ok(l)
+            })?;
+            global += 1;
+            done_here += 1;
+            let lr0 = trainer
+                .opt
+                .groups()
+                .first()
+                .map_or(0.0, |g| g.lr * r.lr_factor);
+            let info = StepInfo {
+                step: global,
+                stage: stage.name.clone(),
+                loss: r.loss,
+                lr: lr0,
+                grad_norm: r.grad_norm,
+                tokens_per_s: tokens as f64 / ts.elapsed().as_secs_f64(),
+                elapsed_s: t0.elapsed().as_secs_f64(),
+            };
+            use std::io::Write;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::to_string(&info).expect("plain values")
+            )
+            .map_err(|e| Error::Io {
+                path: dirs.metrics().display().to_string(),
+                source: e,
+            })?;
+            on_step(&info);
+            let last = k + 1 == stage.steps;
+            let stopping = stop_after.is_some_and(|n| done_here >= n);
+            if last || stopping || (k + 1) % cfg.checkpoint_every.max(1) == 0 {
+                let (ns, nk) = if last { (si + 1, 0) } else { (si, k + 1) };
+                let weights: Vec<(String, Tensor)> = model
+                    .trainable_vars()
+                    .into_iter()
+                    .map(|(n, v)| (n, v.as_tensor().detach()))
+                    .collect();
+                let state = TrainerState {
+                    step: if last { 0 } else { trainer.step },
+                    scaler: None,
+                    extra: serde_json::json!({"stage": ns, "stage_step": nk, "global_step": global}),
+                };
+                checkpoint::save(&ckpts, &weights, &trainer.opt, &state)?;
+            }
+            if stopping && !last {
+                return Ok(None);
+            }
+        }
+    }
+    let out = dirs.model();
+    model.save(&out)?;
+    write_tokenizer(&out)?;
+    Ok(Some(out))
+}
+
+/// Exact-match accuracy of the model in `dir` on `n` held-out questions (split `seed`),
+/// answered by greedy generation as `mgm generate` does; also the count per question kind.
+pub fn evaluate(dir: &Path, seed: u64, n: u64, image_size: usize) -> Result<Accuracy> {
+    let model = Mgm::from_dir(dir, &TowerDirs::default(), None)?;
+    let tok = Tokenizer::from_dir(dir)?;
+    let processor = ImageProcessor::clip(model.config().image_size_aux);
+    let lm = model.language_model();
+    let mut acc = Accuracy::default();
+    for i in 0..n {
+        let s = crate::shapes::sample(seed, i, image_size);
+        let text = crate::llava::with_markers(&s.question, 1);
+        let (ids, history) = crate::llava::prompt_ids(&tok, &text, 1, 1, IMAGE_TOKEN_INDEX, true)?;
+        let t = ids.len();
+        let toks = model.image_tokens(&processor.preprocess_padded(&[s.image.clone()])?, None)?;
+        let x = model.embed(&Tensor::from_vec(ids, &[1, t])?, Some(&toks))?;
+        let g = Generation::from_embeds(lm, &x, vec![history], GenerateOptions::greedy(lm, 8))?;
+        let mut out = Vec::new();
+        for step in g {
+            out.push(step?[0]);
+        }
+        let stop = &lm.config().eos_token_ids;
+        let answer: Vec<u32> = out.into_iter().take_while(|t| !stop.contains(t)).collect();
+        let text = tok.decode(&answer, true)?;
+        let kind = s.question.split(' ').take(2).collect::<Vec<_>>().join(" ");
+        let e = acc.by_kind.entry(kind).or_insert((0, 0));
+        e.1 += 1;
+        acc.total += 1;
+        if text.trim() == s.answer {
+            acc.correct += 1;
+            e.0 += 1;
+        }
+    }
+    Ok(acc)
+}
+
+/// Exact-match counts.
+#[derive(Clone, Debug, Default)]
+pub struct Accuracy {
+    /// Right answers.
+    pub correct: u64,
+    /// Questions.
+    pub total: u64,
+    /// (right, asked) by the question's first two words.
+    pub by_kind: BTreeMap<String, (u64, u64)>,
+}
+
+impl Accuracy {
+    /// correct / total.
+    pub fn ratio(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+}
