@@ -143,7 +143,8 @@ fn serve(dir: &Path, quant: Option<QuantFormat>) {
 
 fn ours(dir: &Path, quant: &str) -> PythonPeer {
     let mut cmd = Command::new(std::env::current_exe().expect("this bench"));
-    cmd.env("MGM_BENCH_CHILD", dir).env("MGM_BENCH_QUANT", quant);
+    cmd.env("MGM_BENCH_CHILD", dir)
+        .env("MGM_BENCH_QUANT", quant);
     PythonPeer::serve(cmd, "the mgm child")
 }
 
@@ -158,7 +159,10 @@ fn best(answers: &[serde_json::Value], key: &str, lower: bool) -> f64 {
 }
 
 /// Alternates `ROUNDS` timed runs of the two sides; each side's answers.
-fn rounds(a: &mut PythonPeer, b: &mut PythonPeer) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+fn rounds(
+    a: &mut PythonPeer,
+    b: &mut PythonPeer,
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     let (mut x, mut y) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         std::thread::sleep(SETTLE);

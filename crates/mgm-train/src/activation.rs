@@ -9,10 +9,13 @@ use mgm_umm::CheckpointPolicy;
 
 use crate::Result;
 
+/// A layer's forward: `x -> layer(x)`.
+pub type LayerFn = dyn Fn(&Tensor) -> mgm_tensor::Result<Tensor> + Send + Sync;
+
 /// One layer: its forward from the previous output, and the tensors of the `Var`s it reads.
 pub struct Layer {
     /// `x -> layer(x)`.
-    pub forward: Arc<dyn Fn(&Tensor) -> mgm_tensor::Result<Tensor> + Send + Sync>,
+    pub forward: Arc<LayerFn>,
     /// The parameter tensors it reads (`Var::as_tensor`).
     pub params: Vec<Tensor>,
 }

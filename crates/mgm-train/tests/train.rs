@@ -242,3 +242,75 @@ fn frozen_parameters_get_no_state_and_unmatched_ones_are_an_error() {
         .to_string();
     assert!(e.contains("\"fc1.weight\" matches no group"), "{e}");
 }
+
+#[test]
+fn bf16_training_keeps_f32_masters_and_follows_the_f32_run() {
+    let f32_params = mlp(1);
+    let bf16_params: Vec<(String, Var)> = f32_params
+        .iter()
+        .map(|(n, v)| {
+            let t = v.as_tensor().to_dtype(DType::BF16).unwrap();
+            (n.clone(), Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    let run = |p: &[(String, Var)], dtype: DType| -> Vec<f64> {
+        let mut t = trainer(p);
+        (0..20)
+            .map(|s| {
+                let (x, y) = batch(s);
+                let x = x.to_dtype(dtype).unwrap();
+                t.step(&[1.0], |_| {
+                    let out = forward(p, &x)?.to_dtype(DType::F32)?;
+                    Ok(out.sub(&y)?.sqr()?.mean_all()?)
+                })
+                .unwrap()
+                .loss
+            })
+            .collect()
+    };
+    let a = run(&f32_params, DType::F32);
+    let b = run(&bf16_params, DType::BF16);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= 5e-2 * x.abs().max(0.1),
+            "step {i}: f32 loss {x} vs bf16 {y}"
+        );
+    }
+    assert_eq!(bf16_params[0].1.as_tensor().dtype(), DType::BF16);
+
+    // updates far below bf16's resolution are kept by the f32 master: 1000 steps of 1e-5 on a
+    // weight of 1
+    let w = Var::from_tensor(
+        &Tensor::from_vec(vec![1f32], &[1])
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap(),
+    )
+    .unwrap();
+    let opt = Optimizer::sgd(
+        vec![("w".into(), w.clone())],
+        vec![
+            GroupSpec::new("all", &[], 1e-5)
+                .betas(0.0, 0.0)
+                .weight_decay(0.0),
+        ],
+        &[],
+        false,
+    )
+    .unwrap();
+    let mut t = Trainer::new(opt, Schedule::Constant);
+    for _ in 0..1000 {
+        // loss = -w: gradient -1, each step adds 1e-5
+        t.step(&[1.0], |_| {
+            Ok(w.as_tensor()
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .mul_scalar(-1.0)?)
+        })
+        .unwrap();
+    }
+    // the master is 1.01; the model holds its nearest bf16, 1 + 2^-7 (updating the bf16
+    // weight itself would leave it at 1: 1 + 1e-5 rounds back to 1 every step)
+    let v = w.as_tensor().to_vec_f64().unwrap()[0];
+    assert_eq!(v, 1.0078125, "w = {v}");
+}

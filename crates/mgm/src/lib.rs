@@ -13,6 +13,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod default_model;
 pub mod forward;
 pub mod llava;
 pub mod minigemini;

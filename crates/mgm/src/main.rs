@@ -81,6 +81,18 @@ enum Cmd {
         #[arg(long)]
         eval: Option<u64>,
     },
+    /// Score a shapes model (default: the embedded one) by exact match on held-out questions.
+    EvalShapes {
+        /// The model directory.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Questions to ask.
+        #[arg(long, default_value_t = 1000)]
+        questions: u64,
+        /// The training config's seed (the held-out split is derived from it).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Draw a training run's loss curve (metrics.jsonl) as an SVG.
     Plot {
         /// The metrics file `mgm train` wrote.
@@ -106,8 +118,12 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
+    /// Model directory (config.json, safetensors, tokenizer.json); default: the embedded
+    /// shapes model (an MGM trained by `cargo xtask train-demo`).
+    #[arg(long = "model")]
+    model_dir: Option<PathBuf>,
+    /// The directory in use: --model, or where the embedded model was written.
+    #[arg(skip)]
     model: PathBuf,
     /// The prompt text (encoded with the model's tokenizer, BOS added as the tokenizer does).
     #[arg(
@@ -557,20 +573,25 @@ fn train(
     println!("model written to {}", model.display());
     let n = eval.unwrap_or(cfg.eval_questions);
     if n > 0 {
-        let t = std::time::Instant::now();
-        // the held-out split: another seed than training's
-        let acc = mgm::train::evaluate(&model, cfg.seed + 1_000_003, n, cfg.image_size)?;
-        for (kind, (right, asked)) in &acc.by_kind {
-            println!("  {kind:<14} {right}/{asked}");
-        }
-        println!(
-            "held-out exact match: {}/{} = {:.1}% ({:.1} s)",
-            acc.correct,
-            acc.total,
-            100.0 * acc.ratio(),
-            t.elapsed().as_secs_f64()
-        );
+        eval_shapes(&model, n, cfg.seed)?;
     }
+    Ok(())
+}
+
+/// Prints the exact-match accuracy of a shapes model on `n` held-out questions.
+fn eval_shapes(model: &Path, n: u64, seed: u64) -> Result<()> {
+    let t = std::time::Instant::now();
+    let acc = mgm::train::evaluate(model, mgm::train::held_out_seed(seed), n)?;
+    for (kind, (right, asked)) in &acc.by_kind {
+        println!("  {kind:<14} {right}/{asked}");
+    }
+    println!(
+        "held-out exact match: {}/{} = {:.1}% ({:.1} s)",
+        acc.correct,
+        acc.total,
+        100.0 * acc.ratio(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -594,7 +615,26 @@ fn main() -> ExitCode {
             vision_tower,
             vision_tower_aux,
         ),
-        Cmd::Generate(args) => generate(&args),
+        Cmd::Generate(mut args) => match args.model_dir.clone() {
+            Some(d) => {
+                args.model = d;
+                generate(&args)
+            }
+            None => mgm::default_model::dir()
+                .map_err(anyhow::Error::from)
+                .and_then(|d| {
+                    args.model = d;
+                    generate(&args)
+                }),
+        },
+        Cmd::EvalShapes {
+            model,
+            questions,
+            seed,
+        } => model
+            .map_or_else(mgm::default_model::dir, Ok)
+            .map_err(anyhow::Error::from)
+            .and_then(|m| eval_shapes(&m, questions, seed)),
         Cmd::Plot { metrics, output } => mgm::plot::loss_curve(&metrics, &output)
             .map_err(anyhow::Error::from)
             .map(|()| println!("wrote {}", output.display())),

@@ -376,7 +376,29 @@ impl Mgm {
     /// config.json (the decoder's keys and MGM's), model.safetensors (every parameter, the
     /// towers under MGM's module names) and clip/config.json (the CLIP shape).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let (Some(spec), Some(vs)) = (&self.spec, &self.fusion_vs) else {
+        self.save_config(dir)?;
+        let Some(vs) = &self.fusion_vs else {
+            return Err(Error::Input {
+                name: "Mgm::save".into(),
+                msg: "only a model built by Mgm::new_trainable can be saved".into(),
+            });
+        };
+        let vars = vs.all_vars();
+        let tensors: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        mgm_tensor::safetensors::save(
+            dir.join("model.safetensors"),
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        )?;
+        Ok(())
+    }
+
+    /// The config files of [`Mgm::save`] without the weights (config.json, clip/config.json):
+    /// what turns a training checkpoint's model.safetensors into a loadable directory.
+    pub fn save_config(&self, dir: &Path) -> Result<()> {
+        let (Some(spec), Some(_)) = (&self.spec, &self.fusion_vs) else {
             return Err(Error::Input {
                 name: "Mgm::save".into(),
                 msg: "only a model built by Mgm::new_trainable can be saved".into(),
@@ -417,17 +439,7 @@ impl Mgm {
             .map_err(|e| io(&p, e))
         };
         write(dir.join("config.json"), &cfg)?;
-        write(dir.join("clip").join("config.json"), &spec.clip)?;
-        let vars = vs.all_vars();
-        let tensors: Vec<(String, Tensor)> = vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-            .collect();
-        mgm_tensor::safetensors::save(
-            dir.join("model.safetensors"),
-            tensors.iter().map(|(n, t)| (n.as_str(), t)),
-        )?;
-        Ok(())
+        write(dir.join("clip").join("config.json"), &spec.clip)
     }
 
     /// The multimodal configuration.

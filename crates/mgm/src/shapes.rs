@@ -91,7 +91,7 @@ fn inside(shape: usize, x: f32, y: f32) -> bool {
         1 => x.abs() <= 0.8 && y.abs() <= 0.8,
         2 => {
             // an upright triangle: apex (0, -1), base at y = 0.7, half width 0.95 there
-            y <= 0.7 && y >= -1.0 && x.abs() <= 0.95 * (y + 1.0) / 1.7
+            (-1.0..=0.7).contains(&y) && x.abs() <= 0.95 * (y + 1.0) / 1.7
         }
         _ => {
             // a five-pointed star: radius between 0.45 and 1 by angle
@@ -214,6 +214,33 @@ pub fn sample(seed: u64, index: u64, size: usize) -> Sample {
         question,
         answer,
     }
+}
+
+/// The split of the README's example image (neither the training split nor the held-out one).
+pub const EXAMPLE_SEED: u64 = 424_242;
+
+/// The first sample of the example split whose scene has exactly one square, rendered at
+/// `size`, and its index; written as a PNG to `path` when given.
+pub fn example(size: usize, path: Option<&std::path::Path>) -> crate::Result<(u64, Sample)> {
+    let (index, s) = (0..)
+        .map(|i| (i, sample(EXAMPLE_SEED, i, size)))
+        .find(|(_, s)| {
+            s.objects
+                .iter()
+                .filter(|o| SHAPES[o.shape] == "square")
+                .count()
+                == 1
+        })
+        .expect("some scene has one square");
+    if let Some(p) = path {
+        let img = image::RgbImage::from_raw(size as u32, size as u32, s.image.as_bytes().to_vec())
+            .expect("size * size * 3 bytes");
+        img.save(p).map_err(|e| crate::Error::Io {
+            path: p.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+    }
+    Ok((index, s))
 }
 
 /// GPT-2's byte-to-character map of byte-level tokenizers: printable bytes stand for

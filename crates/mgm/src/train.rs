@@ -6,7 +6,8 @@
 //! pattern (`[groups.NAME] patterns = [...]`, the first matching group takes a parameter) and
 //! the stages (`[[stage]] name, steps, lr = { group = lr, ... }`): a group without an lr in a
 //! stage is frozen there. Every stage starts a fresh AdamW with linear warmup and cosine decay.
-//! Checkpoints (every `checkpoint_every` steps and at each stage's end) go to `OUT/checkpoints`
+//! Checkpoints (every `checkpoint_every` steps and at each stage's end) go to
+//! `OUT/checkpoints/step-N` (each also a model directory that `mgm generate --model` runs)
 //! and a run resumes from the latest one with the same losses as an uninterrupted run; the
 //! metrics go to `OUT/metrics.jsonl`, the final model to `OUT/model`, and the held-out
 //! exact-match accuracy is measured by greedy generation with the saved model reloaded.
@@ -397,7 +398,7 @@ pub fn train(
                 mgm_tensor::safetensors::load(c.join("model.safetensors"))?
             } else {
                 let (st, weights) = checkpoint::load(&c, &mut trainer.opt)?;
-                trainer.step = st.step;
+                trainer.step = st.extra["trainer_step"].as_u64().unwrap_or(0);
                 weights
             };
             for (name, var) in model.trainable_vars() {
@@ -455,12 +456,17 @@ pub fn train(
                     .into_iter()
                     .map(|(n, v)| (n, v.as_tensor().detach()))
                     .collect();
+                // named by the global step; the stage's own step count rides along
                 let state = TrainerState {
-                    step: if last { 0 } else { trainer.step },
+                    step: global,
                     scaler: None,
-                    extra: serde_json::json!({"stage": ns, "stage_step": nk, "global_step": global}),
+                    extra: serde_json::json!({"stage": ns, "stage_step": nk,
+                                              "trainer_step": if last { 0 } else { trainer.step }}),
                 };
-                checkpoint::save(&ckpts, &weights, &trainer.opt, &state)?;
+                let c = checkpoint::save(&ckpts, &weights, &trainer.opt, &state)?;
+                // a checkpoint is also a model directory: `mgm generate --model` runs it
+                model.save_config(&c)?;
+                write_tokenizer(&c)?;
             }
             if stopping && !last {
                 return Ok(None);
@@ -473,10 +479,17 @@ pub fn train(
     Ok(Some(out))
 }
 
-/// Exact-match accuracy of the model in `dir` on `n` held-out questions (split `seed`),
-/// answered by greedy generation as `mgm generate` does; also the count per question kind.
-pub fn evaluate(dir: &Path, seed: u64, n: u64, image_size: usize) -> Result<Accuracy> {
+/// The held-out split of a training seed (never the training split itself).
+pub fn held_out_seed(seed: u64) -> u64 {
+    seed.wrapping_add(1_000_003)
+}
+
+/// Exact-match accuracy of the model in `dir` on `n` questions of split `seed` (see
+/// [`held_out_seed`]), rendered at the model's `image_size_aux` and answered by greedy
+/// generation as `mgm generate` does; also the count per question kind.
+pub fn evaluate(dir: &Path, seed: u64, n: u64) -> Result<Accuracy> {
     let model = Mgm::from_dir(dir, &TowerDirs::default(), None)?;
+    let image_size = model.config().image_size_aux;
     let tok = Tokenizer::from_dir(dir)?;
     let processor = ImageProcessor::clip(model.config().image_size_aux);
     let lm = model.language_model();
@@ -486,9 +499,12 @@ pub fn evaluate(dir: &Path, seed: u64, n: u64, image_size: usize) -> Result<Accu
         let text = crate::llava::with_markers(&s.question, 1);
         let (ids, history) = crate::llava::prompt_ids(&tok, &text, 1, 1, IMAGE_TOKEN_INDEX, true)?;
         let t = ids.len();
-        let toks = model.image_tokens(&processor.preprocess_padded(&[s.image.clone()])?, None)?;
+        let toks = model.image_tokens(
+            &processor.preprocess_padded(std::slice::from_ref(&s.image))?,
+            None,
+        )?;
         let x = model.embed(&Tensor::from_vec(ids, &[1, t])?, Some(&toks))?;
-        let g = Generation::from_embeds(lm, &x, vec![history], GenerateOptions::greedy(lm, 8))?;
+        let g = Generation::from_embeds(lm, &x, vec![history], GenerateOptions::greedy(lm, 16))?;
         let mut out = Vec::new();
         for step in g {
             out.push(step?[0]);

@@ -1,4 +1,4 @@
-//! `mgm generate --image` on the committed tiny LLaVA (examples/tiny-llava, the README's main
+//! `mgm generate --image` on the committed tiny LLaVA (examples/tiny-llava, the README's former main
 //! command): the greedy ids transformers' `generate` gives for the same PNG and prompt, and
 //! one-line errors for an unreadable image, a marker/image count mismatch, an image over the
 //! pixel limit and an image given to a text-only model.

@@ -103,6 +103,22 @@ fn the_loss_falls_and_a_resumed_run_matches_an_uninterrupted_one() {
     mgm::minigemini::Mgm::from_dir(&tmp.path().join("a/model"), &Default::default(), None)
         .expect("the trained model loads");
 
+    // the loss curve: one polyline per stage, named in the legend
+    let svg = tmp.path().join("loss.svg");
+    mgm::plot::loss_curve(&tmp.path().join("a/metrics.jsonl"), &svg).unwrap();
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        text.starts_with("<svg") && text.matches("<polyline").count() >= 3,
+        "{text:.300}"
+    );
+    for stage in ["fusion", "decoder", "all"] {
+        assert!(text.contains(&format!(">{stage}<")), "legend names {stage}");
+    }
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"step\": 1}\n").unwrap();
+    let e = mgm::plot::loss_curve(&bad, &svg).unwrap_err().to_string();
+    assert!(e.contains("line 1: needs step, loss and stage"), "{e}");
+
     // stop at step 5 (inside stage 2), then at 12 (inside stage 3), resuming each time
     let out = tmp.path().join("b");
     let mut resumed = losses(&out, Some(5), false, &cfg);
