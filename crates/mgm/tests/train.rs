@@ -112,7 +112,10 @@ fn the_loss_falls_and_a_resumed_run_matches_an_uninterrupted_one() {
         "{text:.300}"
     );
     for stage in ["fusion", "decoder", "all"] {
-        assert!(text.contains(&format!("\n{stage}\n</text>")), "legend names {stage}");
+        assert!(
+            text.contains(&format!("\n{stage}\n</text>")),
+            "legend names {stage}"
+        );
     }
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"step\": 1}\n").unwrap();
