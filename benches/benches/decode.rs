@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mgm_benches::{PythonPeer, Row, benchmarking, report, workspace_root};
+use mgm_benches::{PythonPeer, Row, argmax, benchmarking, peak_rss_mb, report, workspace_root};
 use mgm_llm::{CausalLm, Positions, QuantFormat};
 use mgm_tensor::Tensor;
 use rayon::prelude::*;
@@ -38,34 +38,7 @@ const SETTLE: Duration = Duration::from_millis(500);
 
 /// The prompt ids of decode_peers.py (a 64-bit LCG).
 fn prompt_ids(n: usize) -> Vec<i64> {
-    let mut x: u64 = 0x2545F491;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (259 + (x >> 33) % (VOCAB - 259)) as i64
-        })
-        .collect()
-}
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn argmax(v: &[f32]) -> i64 {
-    v.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |a, (i, &x)| if x > a.1 { (i, x) } else { a },
-        )
-        .0 as i64
+    mgm_benches::lcg_ids(n, 259, VOCAB)
 }
 
 /// One prefill + greedy decode: (prefill tok/s, decode tok/s, tokens).

@@ -29,7 +29,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mgm::minigemini::{Mgm, TowerDirs};
-use mgm_benches::{PythonPeer, Row, benchmarking, report, workspace_root};
+use mgm_benches::{PythonPeer, Row, argmax, benchmarking, peak_rss_mb, report, workspace_root};
 use mgm_llm::{Positions, QuantFormat};
 use mgm_tensor::{Tensor, no_grad};
 
@@ -41,15 +41,7 @@ const SETTLE: Duration = Duration::from_millis(500);
 
 /// BOS, 8 ids, the image placeholder, 16 ids (the peer's `prompt_ids`).
 fn prompt_ids() -> Vec<i64> {
-    let mut x: u64 = 0x2545F491;
-    let ids: Vec<i64> = (0..24)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (256 + (x >> 33) % (VOCAB - 256)) as i64
-        })
-        .collect();
+    let ids = mgm_benches::lcg_ids(24, 256, VOCAB);
     let mut out = vec![2];
     out.extend_from_slice(&ids[..8]);
     out.push(mgm::minigemini::IMAGE_TOKEN_INDEX);
@@ -68,25 +60,6 @@ fn image(size: usize) -> Tensor {
         }
     }
     Tensor::from_vec(v, &[1, 3, size, size]).expect("image")
-}
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn argmax(v: &[f32]) -> i64 {
-    v.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |a, (i, &x)| if x > a.1 { (i, x) } else { a },
-        )
-        .0 as i64
 }
 
 /// One time-to-first-token plus greedy decode, as the peer's answer.

@@ -312,3 +312,40 @@ pub fn table_then_criterion(table: fn(), groups: fn()) {
             .final_summary();
     }
 }
+
+/// The peak resident set of this process (`VmHWM` in /proc/self/status), in MB; NaN where
+/// the file is not there.
+pub fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The index of the largest value (the first on ties), as a token id.
+pub fn argmax(v: &[f32]) -> i64 {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |a, (i, &x)| if x > a.1 { (i, x) } else { a },
+        )
+        .0 as i64
+}
+
+/// `n` prompt ids in `lo..vocab` from the 64-bit LCG the Python peers share:
+/// x0 = 0x2545F491, x' = x * 6364136223846793005 + 1442695040888963407, id = lo + (x' >> 33)
+/// mod (vocab - lo).
+pub fn lcg_ids(n: usize, lo: u64, vocab: u64) -> Vec<i64> {
+    let mut x: u64 = 0x2545F491;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (lo + (x >> 33) % (vocab - lo)) as i64
+        })
+        .collect()
+}

@@ -337,8 +337,15 @@ impl Tensor {
         if let Some(r) = self.0.layout.contiguous_range() {
             return Ok(s[r].to_vec());
         }
+        // run by run: a permuted view whose last dim stays contiguous copies whole rows
         let mut out = Vec::with_capacity(self.numel());
-        self.0.layout.for_each_offset(|o| out.push(s[o]));
+        self.0.layout.for_each_run(|start, len, stride| {
+            if stride == 1 {
+                out.extend_from_slice(&s[start..start + len]);
+            } else {
+                out.extend((0..len).map(|i| s[start + i * stride]));
+            }
+        });
         Ok(out)
     }
 
@@ -392,8 +399,9 @@ impl Tensor {
         fn gather<T: WithDType, F: Float>(t: &Tensor) -> Result<Vec<F>> {
             let s = t.storage_slice::<T>()?;
             let mut out = Vec::with_capacity(t.numel());
-            t.0.layout
-                .for_each_offset(|o| out.push(F::from_f32(s[o].to_f32())));
+            t.0.layout.for_each_run(|start, len, stride| {
+                out.extend((0..len).map(|i| F::from_f32(s[start + i * stride].to_f32())));
+            });
             Ok(out)
         }
         Ok(match self.dtype() {

@@ -183,6 +183,19 @@ fn resolve(dir: &Path, given: &Option<PathBuf>, from_config: &str) -> PathBuf {
     }
 }
 
+/// The mining layers (`model.vlm_uni_*`) and the projector (`model.mm_projector`) of `vs`.
+fn load_fusion(
+    vs: &mgm_tensor::nn::VarStore,
+    projector: ProjectorType,
+    lr_dim: usize,
+    hr_dim: usize,
+    hidden: usize,
+) -> Result<(PatchInfoMining, Projector)> {
+    let mining = PatchInfoMining::load(&vs.pp("model"), lr_dim, hr_dim)?;
+    let projector = Projector::load(&vs.pp("model.mm_projector"), projector, lr_dim, hidden)?;
+    Ok((mining, projector))
+}
+
 impl Mgm {
     /// Loads an MGM checkpoint directory and its towers; `quant` quantizes the decoder.
     pub fn from_dir(dir: &Path, towers: &TowerDirs, quant: Option<QuantFormat>) -> Result<Mgm> {
@@ -273,13 +286,8 @@ impl Mgm {
         }
         let fusion_vs = train_fusion.then(|| vs.trainable(0));
         let fvs = fusion_vs.as_ref().unwrap_or(&vs);
-        let mining = PatchInfoMining::load(&fvs.pp("model"), lr_dim, hr_dim)?;
-        let projector = Projector::load(
-            &fvs.pp("model.mm_projector"),
-            config.projector,
-            lr_dim,
-            text_cfg.hidden_size,
-        )?;
+        let (mining, projector) =
+            load_fusion(fvs, config.projector, lr_dim, hr_dim, text_cfg.hidden_size)?;
         let lm = CausalLm::load(&vs, &text_cfg)?;
         let fusion = |n: &str| n.contains("vlm_uni_") || n.contains("mm_projector");
         vs.finish_ignoring(|n| n.ends_with("rotary_emb.inv_freq") || (train_fusion && fusion(n)))?;
@@ -324,13 +332,8 @@ impl Mgm {
         let convnext = TrainableConvNext::load(&vs.pp(AUX_IN_CHECKPOINT), &cn_cfg)?;
         let lr_dim = clip_cfg.hidden_size;
         let hr_dim: usize = cn_cfg.hidden_sizes.iter().sum();
-        let mining = PatchInfoMining::load(&vs.pp("model"), lr_dim, hr_dim)?;
-        let projector = Projector::load(
-            &vs.pp("model.mm_projector"),
-            config.projector,
-            lr_dim,
-            text_cfg.hidden_size,
-        )?;
+        let (mining, projector) =
+            load_fusion(&vs, config.projector, lr_dim, hr_dim, text_cfg.hidden_size)?;
         let lm = CausalLm::load(&vs, &text_cfg)?;
         // transformers' _init_weights for the decoder: N(0, initializer_range) matrices (the
         // embedding included; PyTorch's N(0, 1) embedding would give tied logits of size
