@@ -230,10 +230,8 @@ fn batch_loss(
     let hidden = model.language_model().config().hidden_size;
     let mut padded = Vec::new();
     let mut flat = Vec::new();
-    let mut counted = 0;
     for (x, mut lab) in rows.into_iter().zip(labels) {
         let t = lab.len();
-        counted += lab.iter().filter(|&&l| l != IGNORE_INDEX).count();
         // right padding: causal attention never lets a real position see it
         padded.push(if t < t_max {
             Tensor::cat(
@@ -253,10 +251,8 @@ fn batch_loss(
     let x = Tensor::cat(&padded, 0)?;
     let logits = model.language_model().forward_embeds(&x, None)?;
     let labels = Tensor::from_vec(flat, &[b, t_max])?;
-    Ok((
-        causal_lm_loss(&logits, &labels, 0.0)?,
-        counted.max(1) + b * t_max,
-    ))
+    // tokens through the decoder, padding included: what the step's time was spent on
+    Ok((causal_lm_loss(&logits, &labels, 0.0)?, b * t_max))
 }
 
 /// The optimizer of stage `s`: its groups with an lr, the other groups' parameters frozen.
@@ -353,21 +349,22 @@ pub fn train(
     let ckpts = dirs.checkpoints();
     // where to start: (stage, step within it, global step)
     let mut start = (0usize, 0u64);
-    let mut restored: Option<(PathBuf, TrainerState)> = None;
+    let mut restored: Option<PathBuf> = None;
     if resume && let Some(c) = checkpoint::latest(&ckpts)? {
-        let text = std::fs::read_to_string(c.join("trainer_state.json")).unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let stage = v["extra"]["stage"].as_u64().unwrap_or(0) as usize;
-        let in_stage = v["extra"]["stage_step"].as_u64().unwrap_or(0);
-        start = (stage, in_stage);
-        restored = Some((
-            c,
-            TrainerState {
-                step: 0,
-                scaler: None,
-                extra: v["extra"].clone(),
-            },
-        ));
+        let meta = c.join("trainer_state.json");
+        let text = std::fs::read_to_string(&meta).map_err(|e| Error::Io {
+            path: meta.display().to_string(),
+            source: e,
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: meta.display().to_string(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        start = (
+            v["extra"]["stage"].as_u64().unwrap_or(0) as usize,
+            v["extra"]["stage_step"].as_u64().unwrap_or(0),
+        );
+        restored = Some(c);
     }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -392,7 +389,7 @@ pub fn train(
             },
         );
         trainer.clip = Some(cfg.clip_norm);
-        if let Some((c, _)) = restored.take().filter(|_| si == start.0) {
+        if let Some(c) = restored.take().filter(|_| si == start.0) {
             let weights = if start.1 == 0 {
                 // written at the previous stage's end: the weights, and a fresh optimizer
                 mgm_tensor::safetensors::load(c.join("model.safetensors"))?
