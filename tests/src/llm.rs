@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use mgm_llm::{CausalLm, GenerateOptions, Positions, generate};
+use mgm_llm::{CausalLm, GenerateOptions, Positions, SeqId, generate};
 use mgm_tensor::{DType, Tensor};
 
 use crate::{Comparison, Report};
@@ -122,6 +122,10 @@ pub fn check(dir: &Path) -> mgm_llm::Result<Report> {
         ));
     }
 
+    if !dynamic {
+        report.rows.extend(check_paged(&model, &case, ids, &want)?);
+    }
+
     // left-padded batch: only real tokens' logits are meaningful
     let inputs = load(dir, "inputs_padded.safetensors")?;
     let expected = load(dir, "expected_padded.safetensors")?;
@@ -159,6 +163,38 @@ pub fn check(dir: &Path) -> mgm_llm::Result<Report> {
         Some(&keep),
         F32_TOL,
     ));
+    if !dynamic {
+        // the padded rows' real tokens as sequences of different lengths, in one paged call:
+        // each sequence's last logits against its row's last real position
+        let idv = ids.to_vec::<i64>()?;
+        let mut cache = model.new_paged_cache(b * t.div_ceil(4), 4)?;
+        let rows: Vec<Vec<i64>> = (0..b)
+            .map(|r| {
+                (0..t)
+                    .filter(|&j| mask[r * t + j] != 0)
+                    .map(|j| idv[r * t + j])
+                    .collect()
+            })
+            .collect();
+        let inputs: Vec<(SeqId, &[i64])> = rows
+            .iter()
+            .map(|r| (cache.add_sequence(), r.as_slice()))
+            .collect();
+        let got = f64s(&model.step_paged(&inputs, &mut cache)?)?;
+        let last: Vec<f64> = (0..b)
+            .flat_map(|r| {
+                let j = (0..t).rev().find(|&j| mask[r * t + j] != 0).unwrap_or(0);
+                want[(r * t + j) * vocab..][..vocab].to_vec()
+            })
+            .collect();
+        report.rows.push(max_abs(
+            format!("{case} paged ragged prompts"),
+            &got,
+            &last,
+            None,
+            F32_TOL,
+        ));
+    }
 
     // greedy generation of 32 tokens, single and left-padded batch
     let gens = load(dir, "generate.safetensors")?;
@@ -235,6 +271,91 @@ pub fn check(dir: &Path) -> mgm_llm::Result<Report> {
         .rows
         .push(same_tokens(format!("{case} batched greedy"), &rows, &bo));
     Ok(report)
+}
+
+/// The paged cache against the full forward `want` `[B, T, V]` of `ids`: each row a sequence
+/// with its own prefill length (blocks of 4 tokens, so prompts straddle blocks), then every row
+/// decoding one token per call together. Row 0 is also forked after its prefill and the fork
+/// decodes other tokens: sharing a partly filled block, its first append must copy it, or its
+/// keys overwrite row 0's (checked by row 0 against transformers); the fork itself is checked
+/// against a fresh sequence given the same tokens (no sharing).
+fn check_paged(
+    model: &CausalLm,
+    case: &str,
+    ids: &Tensor,
+    want: &[f64],
+) -> mgm_llm::Result<Vec<Comparison>> {
+    let (b, t) = (ids.shape()[0], ids.shape()[1]);
+    let vocab = model.config().vocab_size;
+    let all = ids.to_vec::<i64>()?;
+    let bs = 4;
+    let mut cache = model.new_paged_cache((b + 2) * t.div_ceil(bs), bs)?;
+    let seqs: Vec<SeqId> = (0..b).map(|_| cache.add_sequence()).collect();
+    // prefill lengths differ per row and are not multiples of the block size
+    let pre: Vec<usize> = (0..b).map(|r| (t / 2 + 2 * r + 1).min(t - 1)).collect();
+    let mut got = vec![0f64; b * t * vocab];
+    let mut filled = vec![false; b * t * vocab];
+    let mut fork_got = Vec::new();
+    let mut put = |got: &mut Vec<f64>, r: usize, i: usize, logits: &[f64]| {
+        got[(r * t + i) * vocab..][..vocab].copy_from_slice(logits);
+        filled[(r * t + i) * vocab..][..vocab].fill(true);
+    };
+    let inputs: Vec<(SeqId, &[i64])> = (0..b)
+        .map(|r| (seqs[r], &all[r * t..r * t + pre[r]]))
+        .collect();
+    let l = f64s(&model.step_paged(&inputs, &mut cache)?)?;
+    for r in 0..b {
+        put(&mut got, r, pre[r] - 1, &l[r * vocab..][..vocab]);
+    }
+    let fork = cache.fork(seqs[0])?;
+    let fresh = cache.add_sequence();
+    let _ = model.step_paged(&[(fresh, &all[..pre[0]])], &mut cache)?;
+    let other: Vec<i64> = all[..t].iter().map(|&x| (x + 1) % vocab as i64).collect();
+    let mut fresh_got = Vec::new();
+    for step in 0.. {
+        let mut inputs: Vec<(SeqId, &[i64])> = Vec::new();
+        let mut rows = Vec::new();
+        for r in 0..b {
+            let i = pre[r] + step;
+            if i < t {
+                inputs.push((seqs[r], &all[r * t + i..r * t + i + 1]));
+                rows.push((r, i));
+            }
+        }
+        if inputs.is_empty() {
+            break;
+        }
+        let forked = rows.first().is_some_and(|&(r, _)| r == 0);
+        let i0 = pre[0] + step;
+        if forked {
+            inputs.push((fork, &other[i0..i0 + 1]));
+        }
+        let l = f64s(&model.step_paged(&inputs, &mut cache)?)?;
+        for (k, &(r, i)) in rows.iter().enumerate() {
+            put(&mut got, r, i, &l[k * vocab..][..vocab]);
+        }
+        if forked {
+            fork_got.extend_from_slice(&l[rows.len() * vocab..][..vocab]);
+            let f = f64s(&model.step_paged(&[(fresh, &other[i0..i0 + 1])], &mut cache)?)?;
+            fresh_got.extend(f);
+        }
+    }
+    Ok(vec![
+        max_abs(
+            format!("{case} paged prefill + batched decode"),
+            &got,
+            want,
+            Some(&filled),
+            F32_TOL,
+        ),
+        max_abs(
+            format!("{case} paged fork vs unshared"),
+            &fork_got,
+            &fresh_got,
+            None,
+            F32_TOL,
+        ),
+    ])
 }
 
 /// The tokenizer fixture (`tokenizer_bpe`): encode (with and without special tokens), decode

@@ -21,7 +21,7 @@ pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, PagedKvCache, SeqId};
 pub use config::{Arch, DecoderConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, generate};

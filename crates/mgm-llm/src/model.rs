@@ -19,7 +19,7 @@ use mgm_tensor::nn::{Activation, Embedding, Linear, Module, Param, RmsNorm, VarS
 use mgm_tensor::{DType, Tensor, needs_grad};
 use rayon::prelude::*;
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, PagedKvCache, SeqId};
 use crate::config::{Arch, DecoderConfig};
 use crate::mixtral::Moe;
 use crate::rope::{Rope, RopeState, rotate_with};
@@ -637,6 +637,147 @@ impl CausalLm {
 }
 
 impl CausalLm {
+    /// A paged cache of `num_blocks` blocks of `block_size` tokens for [`CausalLm::step_paged`].
+    ///
+    /// ```no_run
+    /// # let model = mgm_llm::CausalLm::from_dir("path/to/llama")?;
+    /// let mut cache = model.new_paged_cache(64, 16)?; // 1024 token slots shared by all
+    /// let (a, b) = (cache.add_sequence(), cache.add_sequence());
+    /// // two prompts of different lengths in one call: each sequence's next-token logits
+    /// let logits = model.step_paged(&[(a, &[1, 15, 27][..]), (b, &[1, 9][..])], &mut cache)?;
+    /// assert_eq!(logits.shape()[0], 2);
+    /// # Ok::<(), mgm_llm::Error>(())
+    /// ```
+    pub fn new_paged_cache(&self, num_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
+        PagedKvCache::new(
+            self.layers.len(),
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+            num_blocks,
+            block_size,
+            self.rope.initial_state(),
+            self.max_context(),
+        )
+    }
+
+    /// One inference step over several sequences of a paged cache at once: `inputs` pairs a
+    /// sequence with its new tokens (a whole prompt, or one token when decoding; lengths may
+    /// differ). The linear layers run on all new tokens together; attention runs per sequence
+    /// over its own blocks at its own positions. Returns the logits `[S, V]` of each sequence's
+    /// last new token, in the order of `inputs`. On error (unknown sequence, out of blocks,
+    /// bad ids) the cache is left as it was.
+    pub fn step_paged(
+        &self,
+        inputs: &[(SeqId, &[i64])],
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
+        const WHAT: &str = "CausalLm::step_paged";
+        if inputs.is_empty() || inputs.iter().any(|(_, ids)| ids.is_empty()) {
+            return Err(Error::input(
+                WHAT,
+                "needs at least one sequence, each with a token",
+            ));
+        }
+        if cache.layers.len() != self.layers.len()
+            || cache.kv_heads != self.config.num_key_value_heads
+            || cache.head_dim != self.config.head_dim
+        {
+            return Err(Error::input(WHAT, "the cache was made for another model"));
+        }
+        if needs_grad(&[&self.embed.weight().tensor()]) {
+            return Err(Error::input(
+                WHAT,
+                "the KV cache is for inference: run `forward` on a trainable model",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (id, ids) in inputs {
+            if !seen.insert(*id) {
+                return Err(Error::input(WHAT, format!("sequence {id} is given twice")));
+            }
+            let len = cache.seq_len(*id)?;
+            if let Some(m) = cache.max_len.filter(|&m| len + ids.len() > m) {
+                return Err(Error::input(
+                    WHAT,
+                    format!(
+                        "sequence {id}: {len} cached + {} new tokens exceed the model's \
+                         max_position_embeddings {m}",
+                        ids.len()
+                    ),
+                ));
+            }
+        }
+        let all: Vec<i64> = inputs
+            .iter()
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .collect();
+        let n = all.len();
+        let x = self.embed_ids(&Tensor::from_vec(all, &[1, n])?)?;
+        // reserve every slot first, so a failure (out of blocks) leaves the cache untouched
+        let backup = cache.table.clone();
+        let mut plan = Vec::with_capacity(inputs.len());
+        let mut slots = Vec::with_capacity(n);
+        let mut cos_sin = Vec::with_capacity(n);
+        for (id, ids) in inputs {
+            let start = cache
+                .table
+                .len(*id)
+                .map_err(|e| Error::input(WHAT, e.to_string()))?;
+            for _ in 0..ids.len() {
+                match cache.table.append(*id) {
+                    Ok(s) => slots.push(s),
+                    Err(e) => {
+                        cache.table = backup;
+                        return Err(Error::input(WHAT, format!("sequence {id}: {e}")));
+                    }
+                }
+            }
+            let rope = cache.ropes[*id]
+                .as_mut()
+                .expect("a live sequence has a rope state");
+            self.rope.update(rope, start + ids.len() - 1);
+            cos_sin.extend((start..start + ids.len()).map(|p| self.rope.cos_sin(rope, p)));
+            plan.push(PagedSeq {
+                id: *id,
+                start,
+                t: ids.len(),
+                row: slots.len() - ids.len(),
+            });
+        }
+        for s in &slots {
+            if let Some((from, to)) = s.copy {
+                let filled = s.offset;
+                for layer in 0..cache.layers.len() {
+                    for h in 0..cache.kv_heads {
+                        let (src, dst) = (cache.slot(from, h, 0), cache.slot(to, h, 0));
+                        let len = filled * cache.head_dim;
+                        let lk = &mut cache.layers[layer];
+                        lk.k.copy_within(src..src + len, dst);
+                        lk.v.copy_within(src..src + len, dst);
+                    }
+                }
+            }
+        }
+        let mut x = x;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            x = layer
+                .attn
+                .forward_paged(&h, &x, &cos_sin, cache, li, &plan, &slots)?;
+            let h = layer.post_norm.forward(&x)?;
+            x = layer.ffn_forward(&h, &x)?;
+        }
+        let last: Vec<Tensor> = plan
+            .iter()
+            .map(|p| x.narrow(1, p.row + p.t - 1, 1))
+            .collect::<std::result::Result<_, _>>()?;
+        let x = Tensor::cat(&last, 1)?;
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.squeeze(0)?)
+    }
+}
+
+impl CausalLm {
     /// `embeds` must be `[B, T, hidden]` in a float dtype; returns `(B, T)`.
     fn check_embeds(&self, what: &'static str, embeds: &Tensor) -> Result<(usize, usize)> {
         match embeds.shape() {
@@ -660,6 +801,34 @@ impl Layer {
             Ffn::Moe(m) => Ok(m.forward(h)?.add(residual)?),
         }
     }
+}
+
+/// One sequence of a paged step: its id, cached length before the step, new tokens, and the
+/// row of its first new token among all the step's tokens.
+struct PagedSeq {
+    id: SeqId,
+    start: usize,
+    t: usize,
+    row: usize,
+}
+
+/// `sum(a * b)` in eight lanes (vectorizes).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Whether the query at cache index `qi` attends the key at index `j`: causal by index, within
@@ -771,6 +940,105 @@ impl Attention {
             self.attend_tensor(&q, cache, li, start, t, l, model)?
         };
         let o = Tensor::from_vec(out, &[b, t, hq * d])?;
+        Ok(self
+            .o
+            .forward_fused(&o, Activation::Identity, Some(residual))?)
+    }
+
+    /// [`Attention::forward_cached`] on a paged cache: writes the new keys and values to their
+    /// slots, then per (sequence, kv head) its query rows against the sequence's blocks.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_paged(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        cos_sin: &[(Vec<f32>, Vec<f32>)],
+        cache: &mut PagedKvCache,
+        li: usize,
+        plan: &[PagedSeq],
+        slots: &[mgm_umm::paged::Slot],
+    ) -> Result<Tensor> {
+        let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let g = hq / kv;
+        let n = slots.len();
+        let mut q = self.q.forward(x)?.to_vec::<f32>()?;
+        let mut k = self.k.forward(x)?.to_vec::<f32>()?;
+        let v = self.v.forward(x)?.to_vec::<f32>()?;
+        for (tok, (cos, sin)) in cos_sin.iter().enumerate() {
+            for h in 0..hq {
+                rotate_with(&mut q[(tok * hq + h) * d..][..d], cos, sin);
+            }
+            for h in 0..kv {
+                rotate_with(&mut k[(tok * kv + h) * d..][..d], cos, sin);
+            }
+        }
+        for (tok, s) in slots.iter().enumerate() {
+            for h in 0..kv {
+                let dst = cache.slot(s.block, h, s.offset);
+                let src = (tok * kv + h) * d;
+                let layer = &mut cache.layers[li];
+                layer.k[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                layer.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+            }
+        }
+        let cache = &*cache;
+        let layer = &cache.layers[li];
+        let bs = cache.block_size();
+        let scale = 1.0 / (d as f32).sqrt();
+        let window = self.window;
+        let blocks: Vec<Result<Vec<f32>>> = (0..plan.len() * kv)
+            .into_par_iter()
+            .map(|sh| {
+                let (p, h) = (&plan[sh / kv], sh % kv);
+                let table = cache
+                    .table
+                    .block_table(p.id)
+                    .map_err(|e| Error::input("CausalLm::step_paged", e.to_string()))?;
+                let l = p.start + p.t;
+                let key = |j: usize| cache.slot(table[j / bs], h, j % bs);
+                let mut out = vec![0f32; p.t * g * d];
+                let mut scores = vec![0f32; l];
+                for i in 0..p.t {
+                    let qi = p.start + i;
+                    let lo = window.map_or(0, |w| (qi + 1).saturating_sub(w));
+                    for j in 0..g {
+                        let qr = &q[((p.row + i) * hq + h * g + j) * d..][..d];
+                        let mut max = f32::NEG_INFINITY;
+                        for (kj, sc) in scores[lo..=qi].iter_mut().enumerate() {
+                            let off = key(lo + kj);
+                            *sc = dot(qr, &layer.k[off..off + d]) * scale;
+                            max = max.max(*sc);
+                        }
+                        let mut sum = 0f32;
+                        for sc in &mut scores[lo..=qi] {
+                            *sc = (*sc - max).exp();
+                            sum += *sc;
+                        }
+                        let o = &mut out[(i * g + j) * d..][..d];
+                        for (kj, &w) in scores[lo..=qi].iter().enumerate() {
+                            let off = key(lo + kj);
+                            let w = w / sum;
+                            for (a, &b) in o.iter_mut().zip(&layer.v[off..off + d]) {
+                                *a += w * b;
+                            }
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .collect();
+        let mut out = vec![0f32; n * hq * d];
+        for (sh, blk) in blocks.into_iter().enumerate() {
+            let blk = blk?;
+            let (p, h) = (&plan[sh / kv], sh % kv);
+            for i in 0..p.t {
+                for j in 0..g {
+                    let dst = ((p.row + i) * hq + h * g + j) * d;
+                    out[dst..dst + d].copy_from_slice(&blk[(i * g + j) * d..][..d]);
+                }
+            }
+        }
+        let o = Tensor::from_vec(out, &[1, n, hq * d])?;
         Ok(self
             .o
             .forward_fused(&o, Activation::Identity, Some(residual))?)

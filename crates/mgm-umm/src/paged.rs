@@ -3,8 +3,8 @@
 //! sequences of different lengths use blocks in proportion to their total tokens, not
 //! `B x max length`. A sequence forked from another shares its blocks (reference counts); the
 //! first append into a shared, partly filled last block copies it (copy-on-write) so neither
-//! sequence sees the other's new tokens. The key/value tensors themselves live with the model;
-//! this type says which block and slot each token of each sequence goes to.
+//! sequence sees the other's new tokens. The key/value tensors themselves live with the model
+//! (mgm-llm's `PagedKvCache`); this type says which block and slot each token goes to.
 
 use crate::error::{Error, Result};
 
