@@ -1,9 +1,12 @@
 //! mgm-umm against the system allocator and against contiguous KV caches.
 //!
-//! - Pool: one decode step's worth of tensor-sized buffers (the activations of a TinyLlama-sized
-//!   layer at batch 1: [2048], [5632] twice, [32000] logits, [128, 2048] for a prefill chunk),
-//!   each allocated, its first element and a page of it written, and freed, through
-//!   `CachingPool` against `vec![0.0; n]` + drop, in interleaved rounds; allocations per second.
+//! - Pool: one step's worth of tensor-sized buffers (the activations of a TinyLlama-sized
+//!   layer at batch 1: [2048], [5632] twice, [32000] logits, [128, 2048] for a prefill chunk,
+//!   and a 512-token prefill's [512, 32000] logits, 65 MB: above glibc's largest mmap
+//!   threshold, so the system allocator maps and faults in fresh pages for it every time),
+//!   each allocated (zeroed as `vec![0.0; n]` is, and uninitialised as `torch.empty` is), a
+//!   byte per page written, and freed, through
+//!   `CachingAlloc` against the system allocator, in interleaved rounds; allocations per second.
 //! - Paged KV: KV bytes held by 8 sequences of 16, 40, 64, 100, 128, 256, 384 and 512 tokens
 //!   (TinyLlama's 22 layers x 4 KV heads x 64 x (K + V) x f32 per token) in blocks of 16 tokens,
 //!   against one contiguous `[8, 512]` cache (B x max length), the layout mgm-llm's KvCache uses
@@ -22,55 +25,65 @@ use criterion::{Criterion, criterion_group};
 use mgm_benches::{Row, interleaved, report};
 use mgm_llm::{CausalLm, DecoderConfig, Positions};
 use mgm_tensor::Tensor;
-use mgm_tensor::nn::VarStore;
 use mgm_umm::paged::PagedKv;
-use mgm_umm::pool::CachingPool;
+use mgm_umm::pool::CachingAlloc;
+use std::alloc::{GlobalAlloc, Layout, System};
 
-const SIZES: [usize; 5] = [2048, 5632, 5632, 32000, 128 * 2048];
-const STEPS: usize = 200;
+const SIZES: [usize; 6] = [2048, 5632, 5632, 32000, 128 * 2048, 512 * 32000];
+const STEPS: usize = 20;
 
-fn touch(b: &mut [f32]) {
+fn touch(p: *mut u8, bytes: usize) {
     // what an op does first: write its output (one element per page)
-    for v in b.iter_mut().step_by(1024) {
-        *v = 1.0;
+    for off in (0..bytes).step_by(4096) {
+        // SAFETY: `p` points to `bytes` writable bytes
+        unsafe { p.add(off).write(1) };
     }
 }
 
-fn with_pool(pool: &CachingPool) {
+/// One decode step's buffers, each allocated (zeroed, as `vec![0.0; n]` is, or uninitialised,
+/// as `Vec::with_capacity` and `torch.empty` are), touched and freed.
+fn with(a: &dyn GlobalAlloc, zeroed: bool) {
     for _ in 0..STEPS {
         for &n in &SIZES {
-            let mut b = pool.alloc(n);
-            touch(b.as_mut_slice());
-            black_box(b.as_slice()[0]);
-            pool.free(b);
-        }
-    }
-}
-
-fn with_system() {
-    for _ in 0..STEPS {
-        for &n in &SIZES {
-            let mut b = vec![0f32; n];
-            touch(&mut b);
-            black_box(b[0]);
-            drop(b);
+            let layout = Layout::array::<f32>(n).expect("a small array");
+            // SAFETY: a nonzero layout, freed with the same layout below
+            unsafe {
+                let p = if zeroed {
+                    a.alloc_zeroed(layout)
+                } else {
+                    a.alloc(layout)
+                };
+                assert!(!p.is_null(), "out of memory");
+                touch(p, layout.size());
+                black_box(p.read());
+                a.dealloc(p, layout);
+            }
         }
     }
 }
 
 fn table() {
-    let pool = CachingPool::new();
-    let t = interleaved(15, &mut [&mut || with_pool(&pool), &mut || with_system()]);
+    let pool = CachingAlloc::new();
     let allocs = (STEPS * SIZES.len()) as f64;
-    let mut rows = vec![Row::from_timings(
-        "alloc+free decode-step buffers",
-        "M allocs/s",
-        allocs,
-        1e-6,
-        t[0],
-        t[1],
-        "system allocator",
-    )];
+    let mut rows = Vec::new();
+    for (zeroed, case) in [
+        (true, "alloc+free step buffers, zeroed"),
+        (false, "alloc+free step buffers, uninitialised"),
+    ] {
+        let t = interleaved(
+            15,
+            &mut [&mut || with(&pool, zeroed), &mut || with(&System, zeroed)],
+        );
+        rows.push(Row::from_timings(
+            case,
+            "k allocs/s",
+            allocs,
+            1e-3,
+            t[0],
+            t[1],
+            "system allocator",
+        ));
+    }
     let s = pool.stats();
     // paged against contiguous KV bytes
     let lens = [16usize, 40, 64, 100, 128, 256, 384, 512];
@@ -125,7 +138,7 @@ fn table() {
     report(
         "umm",
         &format!(
-            "CachingPool vs vec! + drop over {} buffers per step, interleaved rounds, best of \
+            "CachingAlloc vs the system allocator (allocated, touched, freed) over {} buffers per step, interleaved rounds, best of \
              each (pool: {} hits, {} misses, {:.1} MB reserved); paged KV {:.1} MB vs \
              contiguous {:.1} MB; batched decode best of 3 alternating runs, KV {:.1} MB paged \
              vs {:.1} MB contiguous",
@@ -154,15 +167,7 @@ fn random_llama() -> CausalLm {
         "tie_word_embeddings": true
     });
     let cfg = DecoderConfig::from_json_str(&cfg.to_string(), "bench").expect("a LLaMA config");
-    let vs = VarStore::new_trainable(7);
-    CausalLm::load(&vs, &cfg).expect("random LLaMA");
-    let weights = vs
-        .all_vars()
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().detach()))
-        .collect();
-    let vs = VarStore::from_tensors(weights).expect("the random weights");
-    CausalLm::load(&vs, &cfg).expect("LLaMA from its weights")
+    CausalLm::random(&cfg, 7).expect("random LLaMA")
 }
 
 #[derive(Default)]
@@ -253,12 +258,12 @@ fn decode_contiguous(model: &CausalLm, lens: &[usize]) -> Decode {
 }
 
 fn bench(c: &mut Criterion) {
-    let pool = CachingPool::new();
+    let pool = CachingAlloc::new();
     let mut g = c.benchmark_group("umm_alloc");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(2));
-    g.bench_function("pool", |b| b.iter(|| with_pool(&pool)));
-    g.bench_function("system", |b| b.iter(with_system));
+    g.bench_function("pool", |b| b.iter(|| with(&pool, true)));
+    g.bench_function("system", |b| b.iter(|| with(&System, true)));
     g.finish();
 }
 

@@ -89,6 +89,11 @@ impl Gpu {
         })
     }
 
+    /// The device's default stream (what device memory is allocated and copied on).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     fn module(&self, family: &'static str) -> Result<Arc<CudaModule>> {
         let mut modules = self
             .modules

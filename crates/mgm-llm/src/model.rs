@@ -164,6 +164,31 @@ impl CausalLm {
         Ok(model)
     }
 
+    /// A model of `config` with random weights (PyTorch's default init, from `seed`), loaded
+    /// for inference: the LLaMA-shaped stand-in that benches and tests decode with.
+    ///
+    /// ```
+    /// let cfg = mgm_llm::DecoderConfig::from_json_str(
+    ///     r#"{"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+    ///         "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}"#,
+    ///     "example",
+    /// )?;
+    /// let model = mgm_llm::CausalLm::random(&cfg, 0)?;
+    /// let logits = model.forward(&mgm_tensor::Tensor::from_vec(vec![1i64, 2], &[1, 2])?, None)?;
+    /// assert_eq!(logits.shape(), &[1, 2, 64]);
+    /// # Ok::<(), mgm_llm::Error>(())
+    /// ```
+    pub fn random(config: &DecoderConfig, seed: u64) -> Result<CausalLm> {
+        let vs = VarStore::new_trainable(seed);
+        CausalLm::load(&vs, config)?;
+        let weights = vs
+            .all_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .collect();
+        CausalLm::load(&VarStore::from_tensors(weights)?, config)
+    }
+
     /// Builds the model from `vs` by transformers' names; a trainable store creates missing
     /// parameters (a model to train from scratch).
     pub fn load(vs: &VarStore, config: &DecoderConfig) -> Result<CausalLm> {

@@ -25,6 +25,9 @@ pub enum Error {
         /// The generation.
         generation: u64,
     },
+    /// The device (CUDA) could not be opened or failed.
+    #[error("{0}")]
+    Device(String),
     /// Input of the wrong size or a configuration that cannot work.
     #[error("{what}: {msg}")]
     InvalidInput {

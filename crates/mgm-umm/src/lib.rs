@@ -1,7 +1,9 @@
 //! mgm-umm: memory management for mgm-rs models.
 //!
-//! - [`pool`]: a caching buffer pool with size-class bins, reuse of freed buffers and
-//!   statistics (allocated, reserved, peak, hits, misses), like PyTorch's caching allocator.
+//! - [`pool`]: a caching allocator with size-class bins, reuse of freed blocks and
+//!   statistics (allocated, reserved, peak, hits, misses), like PyTorch's caching allocator;
+//!   a `#[global_allocator]`, so mgm-tensor's buffers go through it when a program installs
+//!   it. The device pool is `cuda::CudaPool` (feature `cuda`).
 //! - [`ring`]: a fixed-capacity ring buffer of `[N, D]` feature slots whose writes return
 //!   handles with a generation: reading a handle whose slot was overwritten since is an error,
 //!   never stale data, and batch writes that straddle the end wrap around.
@@ -22,6 +24,8 @@
 //! # Ok::<(), mgm_umm::Error>(())
 //! ```
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 pub mod paged;
 pub mod pipeline;

@@ -1,12 +1,14 @@
 //! The pool and the feature cache against simple models under random operation sequences: the
-//! pool never lends one buffer twice at once and its statistics equal the model's; the cache
+//! pool never lends overlapping blocks at once and its statistics equal the model's; the cache
 //! returns exactly the data of live handles and detects every overwrite, batch writes across
 //! the end included.
 
 use std::collections::HashMap;
 
 use mgm_umm::Error;
-use mgm_umm::pool::CachingPool;
+use std::alloc::{GlobalAlloc, Layout};
+
+use mgm_umm::pool::CachingAlloc;
 use mgm_umm::ring::{FeatureCache, Handle};
 use proptest::prelude::*;
 
@@ -19,44 +21,53 @@ enum PoolOp {
 
 fn pool_op() -> impl Strategy<Value = PoolOp> {
     prop_oneof![
-        4 => (0usize..600).prop_map(PoolOp::Alloc),
+        // below the pooled minimum (system) and across several classes
+        4 => (1usize..9000).prop_map(PoolOp::Alloc),
         3 => any::<usize>().prop_map(PoolOp::Free),
         1 => Just(PoolOp::Empty),
     ]
 }
 
-fn class_bytes(len: usize) -> usize {
-    len.max(64).next_power_of_two() * 4
+/// The model's size class: pooled requests round up to a power of two of at least 512 bytes.
+fn class_bytes(len: usize) -> Option<usize> {
+    (len >= 512).then(|| len.next_power_of_two())
 }
 
 proptest! {
     #[test]
-    fn pool_lends_each_buffer_once_and_counts_like_the_model(ops in prop::collection::vec(pool_op(), 1..120)) {
-        let pool = CachingPool::new();
-        let mut live = Vec::new();
-        // the model: cached buffers per class, counters
+    fn pool_lends_each_block_once_and_counts_like_the_model(ops in prop::collection::vec(pool_op(), 1..120)) {
+        let pool = CachingAlloc::new();
+        let mut live: Vec<(*mut u8, Layout, u8)> = Vec::new();
+        // the model: cached blocks per class, counters
         let mut cached: HashMap<usize, usize> = HashMap::new();
         let (mut allocated, mut reserved, mut peak, mut hits, mut misses) = (0usize, 0usize, 0usize, 0u64, 0u64);
-        for op in ops {
+        for (k, op) in ops.into_iter().enumerate() {
             match op {
                 PoolOp::Alloc(len) => {
-                    let mut b = pool.alloc(len);
-                    prop_assert_eq!(b.len(), len);
-                    // every element is writable, and no live buffer shares the storage
-                    b.as_mut_slice().fill(live.len() as f32);
-                    let c = class_bytes(len);
-                    let n = cached.entry(c).or_insert(0);
-                    if *n > 0 { *n -= 1; hits += 1 } else { misses += 1; reserved += c }
-                    allocated += c;
-                    peak = peak.max(allocated);
-                    live.push(b);
+                    let layout = Layout::from_size_align(len, 8).unwrap();
+                    // SAFETY: nonzero size; freed below with the same layout
+                    let p = unsafe { pool.alloc(layout) };
+                    prop_assert!(!p.is_null());
+                    // every byte is writable, and no live block shares the storage
+                    let tag = k as u8;
+                    // SAFETY: `len` bytes were just allocated
+                    unsafe { p.write_bytes(tag, len) };
+                    if let Some(c) = class_bytes(len) {
+                        let n = cached.entry(c).or_insert(0);
+                        if *n > 0 { *n -= 1; hits += 1 } else { misses += 1; reserved += c }
+                        allocated += c;
+                        peak = peak.max(allocated);
+                    }
+                    live.push((p, layout, tag));
                 }
                 PoolOp::Free(i) if !live.is_empty() => {
-                    let b = live.swap_remove(i % live.len());
-                    let c = class_bytes(b.len());
-                    *cached.entry(c).or_insert(0) += 1;
-                    allocated -= c;
-                    pool.free(b);
+                    let (p, layout, _) = live.swap_remove(i % live.len());
+                    if let Some(c) = class_bytes(layout.size()) {
+                        *cached.entry(c).or_insert(0) += 1;
+                        allocated -= c;
+                    }
+                    // SAFETY: allocated above with this layout, freed once
+                    unsafe { pool.dealloc(p, layout) };
                 }
                 PoolOp::Free(_) => {}
                 PoolOp::Empty => {
@@ -65,19 +76,24 @@ proptest! {
                     cached.clear();
                 }
             }
-            let mut ptrs: Vec<*const f32> = live.iter().filter(|b| !b.is_empty()).map(|b| b.as_ptr()).collect();
-            let n = ptrs.len();
-            ptrs.sort();
-            ptrs.dedup();
-            prop_assert_eq!(ptrs.len(), n, "a buffer is lent twice");
-            // each live buffer still holds the one value written into it
-            for b in &live {
-                let first = b.as_slice().first().copied().unwrap_or(0.0);
-                prop_assert!(b.as_slice().iter().all(|&v| v == first));
+            let mut ranges: Vec<(usize, usize)> = live.iter().map(|(p, l, _)| (*p as usize, *p as usize + l.size())).collect();
+            ranges.sort();
+            prop_assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "two live blocks overlap");
+            // each live block still holds the one byte written all over it
+            for (p, l, tag) in &live {
+                // SAFETY: a live block of `l.size()` initialised bytes
+                let bytes = unsafe { std::slice::from_raw_parts(*p, l.size()) };
+                prop_assert!(bytes.iter().all(|b| b == tag));
             }
             let s = pool.stats();
             prop_assert_eq!((s.allocated, s.reserved, s.peak, s.hits, s.misses), (allocated, reserved, peak, hits, misses));
         }
+        for (p, layout, _) in live {
+            // SAFETY: as above
+            unsafe { pool.dealloc(p, layout) };
+        }
+        pool.empty_cache();
+        prop_assert_eq!(pool.stats().reserved, 0);
     }
 }
 

@@ -483,15 +483,16 @@ pub fn held_out_seed(seed: u64) -> u64 {
 
 /// Exact-match accuracy of the model in `dir` on `n` questions of split `seed` (see
 /// [`held_out_seed`]), rendered at the model's `image_size_aux` and answered by greedy
-/// generation as `mgm generate` does; also the count per question kind.
+/// generation as `mgm generate` does; also the count per question kind. Question i + 1's
+/// image is encoded while question i decodes (mgm-umm's pipeline).
 pub fn evaluate(dir: &Path, seed: u64, n: u64) -> Result<Accuracy> {
     let model = Mgm::from_dir(dir, &TowerDirs::default(), None)?;
     let image_size = model.config().image_size_aux;
     let tok = Tokenizer::from_dir(dir)?;
     let processor = ImageProcessor::clip(model.config().image_size_aux);
     let lm = model.language_model();
-    let mut acc = Accuracy::default();
-    for i in 0..n {
+    // encode question i + 1's image while question i decodes (mgm-umm's pipeline)
+    let encode = |&i: &u64| -> Result<(crate::shapes::Sample, Tensor, Vec<u32>)> {
         let s = crate::shapes::sample(seed, i, image_size);
         let text = crate::llava::with_markers(&s.question, 1);
         let (ids, history) = crate::llava::prompt_ids(&tok, &text, 1, 1, IMAGE_TOKEN_INDEX, true)?;
@@ -501,6 +502,9 @@ pub fn evaluate(dir: &Path, seed: u64, n: u64) -> Result<Accuracy> {
             None,
         )?;
         let x = model.embed(&Tensor::from_vec(ids, &[1, t])?, Some(&toks))?;
+        Ok((s, x, history))
+    };
+    let decode = |(s, x, history): (crate::shapes::Sample, Tensor, Vec<u32>)| -> Result<_> {
         let g = Generation::from_embeds(lm, &x, vec![history], GenerateOptions::greedy(lm, 16))?;
         let mut out = Vec::new();
         for step in g {
@@ -508,7 +512,23 @@ pub fn evaluate(dir: &Path, seed: u64, n: u64) -> Result<Accuracy> {
         }
         let stop = &lm.config().eos_token_ids;
         let answer: Vec<u32> = out.into_iter().take_while(|t| !stop.contains(t)).collect();
-        let text = tok.decode(&answer, true)?;
+        Ok((s, tok.decode(&answer, true)?))
+    };
+    let answers = mgm_umm::pipeline::run(
+        (0..n).collect(),
+        mgm_umm::pipeline::PipelineOptions::default(),
+        encode,
+        decode,
+    )
+    .map_err(|e| match e {
+        mgm_umm::pipeline::PipelineError::Stage(e) => e,
+        mgm_umm::pipeline::PipelineError::Config(e) => Error::Input {
+            name: "evaluate".into(),
+            msg: e.to_string(),
+        },
+    })?;
+    let mut acc = Accuracy::default();
+    for (s, text) in answers {
         let kind = s.question.split(' ').take(2).collect::<Vec<_>>().join(" ");
         let e = acc.by_kind.entry(kind).or_insert((0, 0));
         e.1 += 1;
