@@ -42,6 +42,9 @@ enum Cmd {
         /// Replace crates/mgm/assets/default-model with the result.
         #[arg(long)]
         install: bool,
+        /// Skip training: install the model an earlier run left in target/shapes-train.
+        #[arg(long, requires = "install")]
+        no_train: bool,
     },
     /// Run the criterion benches (extra arguments go to `cargo bench`).
     Bench {
@@ -68,23 +71,25 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn train_demo(install: bool) -> Result<()> {
+fn train_demo(install: bool, no_train: bool) -> Result<()> {
     let root = workspace_root();
     let out = root.join("target/shapes-train");
-    if out.exists() {
-        std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?;
+    if !no_train {
+        if out.exists() {
+            std::fs::remove_dir_all(&out).with_context(|| format!("removing {}", out.display()))?;
+        }
+        let t = std::time::Instant::now();
+        run(Command::new(env!("CARGO"))
+            .current_dir(&root)
+            .args(["run", "--release", "-p", "mgm", "--", "train", "--config"])
+            .arg(root.join("configs/shapes.toml"))
+            .arg("--out")
+            .arg(&out))?;
+        println!(
+            "train-demo: {:.1} min in all",
+            t.elapsed().as_secs_f64() / 60.0
+        );
     }
-    let t = std::time::Instant::now();
-    run(Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["run", "--release", "-p", "mgm", "--", "train", "--config"])
-        .arg(root.join("configs/shapes.toml"))
-        .arg("--out")
-        .arg(&out))?;
-    println!(
-        "train-demo: {:.1} min in all",
-        t.elapsed().as_secs_f64() / 60.0
-    );
     if install {
         let dst = root.join("crates/mgm/assets/default-model");
         let src = out.join("model");
@@ -203,7 +208,7 @@ fn main() -> Result<()> {
         }
         Cmd::Kernels => kernels::run(),
         Cmd::Reference { python } => reference(&python),
-        Cmd::TrainDemo { install } => train_demo(install),
+        Cmd::TrainDemo { install, no_train } => train_demo(install, no_train),
         Cmd::Bench { args } => run(Command::new(env!("CARGO"))
             .current_dir(workspace_root())
             .args(["bench", "-p", "mgm-benches"])

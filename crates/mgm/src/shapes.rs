@@ -114,7 +114,7 @@ fn scene(rng: &mut Rng) -> Vec<Object> {
     quadrants[..n]
         .iter()
         .map(|&q| {
-            let r = 0.11 + 0.08 * rng.unit();
+            let r = 0.15 + 0.07 * rng.unit();
             let (qx, qy) = ((q % 2) as f32 * 0.5, (q / 2) as f32 * 0.5);
             let span = 0.5 - 2.0 * r - 0.04;
             Object {
@@ -262,21 +262,49 @@ fn byte_chars() -> Vec<char> {
         .collect()
 }
 
-/// The default model's tokenizer: one token per byte (ids 0..=255) and `<s>` (256, added in
-/// front by the post-processor), `</s>` (257), `<pad>` (258); as `tokenizer.json` and
+/// The words of the dataset's questions and answers besides the colours and shapes.
+const WORDS: [&str; 21] = [
+    "What", "colour", "is", "the", "How", "many", "shapes", "are", "there", "Is", "a", "Where",
+    "yes", "no", "one", "two", "three", "top", "bottom", "left", "right",
+];
+
+/// The default model's tokenizer, a small byte-level BPE: one token per byte (ids 0..=255),
+/// `<s>` (256, added in front by the post-processor), `</s>` (257), `<pad>` (258), then every
+/// word of the dataset ([`COLOURS`], [`SHAPES`] and the question words) as one token, bare and
+/// with GPT-2's leading-space mark (`Ġ`). Whole words in the vocabulary map to their token
+/// directly (`ignore_merges`), any other text falls back to bytes, so every prompt encodes.
+/// A byte-per-token model has to assemble words from letters before it can match "red" in a
+/// question with the red thing in the image: three decoder layers did not manage both (the
+/// "is there a red circle?" questions stayed at chance). As `tokenizer.json` and
 /// `tokenizer_config.json` for the `tokenizers` crate and transformers alike.
-pub fn byte_tokenizer() -> (serde_json::Value, serde_json::Value) {
-    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars()
+pub fn tokenizer() -> (serde_json::Value, serde_json::Value) {
+    let mut vocab: serde_json::Map<String, serde_json::Value> = byte_chars()
         .into_iter()
         .enumerate()
         .map(|(i, c)| (c.to_string(), serde_json::json!(i)))
         .collect();
+    // the specials are in the model's vocabulary too: tokenizers gives an added token that is
+    // not one the next free id, whatever tokenizer.json says
+    for (i, t) in ["<s>", "</s>", "<pad>"].into_iter().enumerate() {
+        vocab.insert(t.to_string(), serde_json::json!(256 + i));
+    }
+    let words = COLOURS.iter().map(|c| c.0).chain(SHAPES).chain(WORDS);
+    for w in words {
+        for t in [w.to_string(), format!("\u{120}{w}")] {
+            // "a" is a byte already
+            if !vocab.contains_key(&t) {
+                let id = vocab.len();
+                vocab.insert(t, serde_json::json!(id));
+            }
+        }
+    }
+
     let added = |id: u32, content: &str| {
         serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                            "rstrip": false, "normalized": false, "special": true})
     };
     let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
-                                        "trim_offsets": false, "use_regex": false});
+                                        "trim_offsets": false, "use_regex": true});
     let tok = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": [added(256, "<s>"), added(257, "</s>"), added(258, "<pad>")],
@@ -290,7 +318,7 @@ pub fn byte_tokenizer() -> (serde_json::Value, serde_json::Value) {
         },
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": []}
+                  "ignore_merges": true, "vocab": vocab, "merges": []}
     });
     let cfg = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
                                  "add_bos_token": true, "model_max_length": 256,
@@ -301,6 +329,47 @@ pub fn byte_tokenizer() -> (serde_json::Value, serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tokenizer_has_a_token_per_word_and_bytes_for_the_rest() {
+        let (tok, cfg) = tokenizer();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let t = mgm_llm::Tokenizer::from_dir(dir.path()).unwrap();
+        let ids = |s: &str| t.encode(s, false).unwrap();
+        // one token per word and one for "?"
+        assert_eq!(ids("What colour is the square?").len(), 6);
+        assert_eq!(ids("Is there a red circle?").len(), 6);
+        assert_eq!(ids("green").len(), 1);
+        assert_eq!(ids("top left").len(), 2);
+        // unknown words are bytes, and everything decodes back
+        assert_eq!(
+            ids("zq!"),
+            vec![u32::from(b'z'), u32::from(b'q'), u32::from(b'!')]
+        );
+        for s in [
+            "What colour is the square?",
+            "bottom right",
+            "Where is the star? Ünïcode",
+        ] {
+            assert_eq!(t.decode(&ids(s), false).unwrap(), s);
+        }
+        assert_eq!(
+            (t.token_to_id("<s>"), t.token_to_id("</s>")),
+            (Some(256), Some(257))
+        );
+        // the config's vocab_size is the tokenizer's
+        let n = t.vocab_size();
+        let cfg = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml"),
+        )
+        .unwrap();
+        assert!(
+            cfg.contains(&format!("vocab_size = {n}\n")),
+            "configs/shapes.toml vocab_size != {n}"
+        );
+    }
 
     #[test]
     fn questions_are_answerable_from_the_scene() {

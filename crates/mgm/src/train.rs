@@ -155,9 +155,9 @@ pub struct StepInfo {
     pub elapsed_s: f64,
 }
 
-/// The byte tokenizer written beside the model.
+/// The tokenizer (mgm::shapes::tokenizer) written beside the model.
 fn write_tokenizer(dir: &Path) -> Result<()> {
-    let (tok, cfg) = crate::shapes::byte_tokenizer();
+    let (tok, cfg) = crate::shapes::tokenizer();
     for (name, v) in [("tokenizer.json", tok), ("tokenizer_config.json", cfg)] {
         let p = dir.join(name);
         std::fs::write(&p, serde_json::to_string(&v).expect("plain JSON")).map_err(|e| {
@@ -345,6 +345,16 @@ pub fn train(
     })?;
     write_tokenizer(&dirs.out)?;
     let tok = Tokenizer::from_dir(&dirs.out)?;
+    let vocab = model.language_model().config().vocab_size;
+    if tok.vocab_size() > vocab {
+        return Err(Error::Input {
+            name: "model.text.vocab_size".into(),
+            msg: format!(
+                "{vocab} is smaller than the tokenizer's {} ids (mgm::shapes::tokenizer)",
+                tok.vocab_size()
+            ),
+        });
+    }
     let processor = ImageProcessor::clip(cfg.image_size);
     let ckpts = dirs.checkpoints();
     // where to start: (stage, step within it, global step)
@@ -556,5 +566,91 @@ impl Accuracy {
     /// correct / total.
     pub fn ratio(&self) -> f64 {
         self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole shapes model's loss gradient with respect to parameters of every part (both
+    /// towers, mining, projector, decoder) against central differences of the loss.
+    #[test]
+    fn gradients_of_every_part_match_finite_differences() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml");
+        let mut cfg = TrainConfig::from_file(&root).unwrap();
+        cfg.batch_size = 2;
+        let spec = MgmSpec {
+            text: cfg.model.text.clone(),
+            clip: cfg.model.clip.clone(),
+            convnext: cfg.model.convnext.clone(),
+            select_layer: cfg.model.select_layer,
+            image_size_aux: cfg.image_size,
+        };
+        let model = Mgm::new_trainable(&spec, 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_tokenizer(dir.path()).unwrap();
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        let processor = ImageProcessor::clip(cfg.image_size);
+        let loss = || batch_loss(&model, &tok, &processor, &cfg, 5).unwrap().0;
+        let grads = loss().backward().unwrap();
+        let vars = model.trainable_vars();
+        let n = cfg.model.clip["num_hidden_layers"].as_u64().unwrap();
+        let last_clip_layer = format!("vision_model.encoder.layers.{}.", n - 1);
+        let mut checked = 0;
+        let mut worst = Vec::new();
+        for (name, var) in &vars {
+            let g = grads.get_var(var).map(|g| g.to_vec_f64().unwrap());
+            let w = var.as_tensor().detach().to_vec_f64().unwrap();
+            let Some(g) = g else {
+                // what MGM never reads: CLIP's last layer and final norm (features come from
+                // the second-to-last layer) and ConvNeXt's pooled-output norm
+                let unused = name.contains(&last_clip_layer)
+                    || name.contains("post_layernorm")
+                    || name.contains("clip_model.layernorm");
+                if !unused {
+                    worst.push(format!("{name}: no gradient"));
+                }
+                continue;
+            };
+            // the entry with the largest gradient, where a finite difference is well above noise
+            let (i, gi) = g
+                .iter()
+                .copied()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .unwrap();
+            if gi.abs() < 1e-3 {
+                continue;
+            }
+            let eps = 1e-2 * (1.0 + w[i].abs());
+            let at = |v: f64| {
+                let mut w2 = w.clone();
+                w2[i] = v;
+                var.set(
+                    &Tensor::from_vec(
+                        w2.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                        var.as_tensor().shape(),
+                    )
+                    .unwrap(),
+                )
+                .unwrap();
+                mgm_tensor::no_grad(|| loss().to_vec_f64().unwrap()[0])
+            };
+            let fd = (at(w[i] + eps) - at(w[i] - eps)) / (2.0 * eps);
+            at(w[i]);
+            let rel = (fd - gi).abs() / gi.abs().max(fd.abs());
+            if rel > 0.1 {
+                worst.push(format!(
+                    "{name}[{i}]: autograd {gi:.4e}, finite difference {fd:.4e}"
+                ));
+            }
+            checked += 1;
+        }
+        assert!(
+            checked > 20,
+            "only {checked} parameters had a measurable gradient"
+        );
+        assert!(worst.is_empty(), "{}", worst.join("\n"));
     }
 }

@@ -18,7 +18,7 @@ group_order = ["vision", "fusion", "text"]
 
 [model.text]
 architectures = ["LlamaForCausalLM"]
-vocab_size = 259
+vocab_size = 320
 hidden_size = 32
 intermediate_size = 64
 num_hidden_layers = 1
