@@ -23,7 +23,7 @@ pub mod attention;
 mod error;
 pub mod launch;
 pub mod ptx;
-mod simd;
+pub mod simd;
 
 pub mod gemm;
 pub mod layer_norm_gelu;

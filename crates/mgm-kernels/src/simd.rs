@@ -1,6 +1,30 @@
 //! Shared helpers of the fast CPU paths: a vectorisable `exp`, and runtime dispatch to AVX2 /
 //! AVX-512 compilations of the same portable loop (the crate is built for baseline x86-64).
 
+/// `sum(a[i] * b[i])` over the shorter length, with eight independent accumulators so the loop
+/// vectorises (the sum's order differs from a sequential one by rounding only).
+///
+/// ```
+/// assert_eq!(mgm_kernels::simd::dot(&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]), 32.0);
+/// ```
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Lanes of the vectorised loops (several accumulators hide the add latency).
 pub(crate) const LANES: usize = 16;
 

@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use crate::simd::dot;
 use crate::windowed_attention::{MAX_HEAD_DIM, check_args, check_device, exp_neg};
 pub use crate::windowed_attention::{Mask, Shape};
 use crate::{Error, KernelArg, KernelLaunch, LaunchDims, Result};
@@ -94,24 +95,6 @@ pub fn reference(
     let r = reference_f64(q, k, v, shape, topk)?;
     out.iter_mut().zip(r).for_each(|(o, r)| *o = r as f32);
     Ok(())
-}
-
-/// Dot product with eight independent accumulators so the loop vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// The fast path: rayon over rows; per row the window's scores, the k-th largest by

@@ -837,25 +837,6 @@ struct PagedSeq {
     row: usize,
 }
 
-/// `sum(a * b)` in eight lanes (vectorizes).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Whether the query at cache index `qi` attends the key at index `j`: causal by index, within
 /// the sliding window (`W` keys including itself), and not padding.
 #[inline]
@@ -916,6 +897,29 @@ impl Attention {
             .forward_fused(&o, Activation::Identity, Some(residual))?)
     }
 
+    /// q, k and v of `x` as flat rows (token-major, then head), q and k rotated by each token's
+    /// `cos_sin`.
+    #[allow(clippy::type_complexity)]
+    fn qkv_rotated(
+        &self,
+        x: &Tensor,
+        cos_sin: &[(Vec<f32>, Vec<f32>)],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let mut q = self.q.forward(x)?.to_vec::<f32>()?;
+        let mut k = self.k.forward(x)?.to_vec::<f32>()?;
+        let v = self.v.forward(x)?.to_vec::<f32>()?;
+        for (tok, (cos, sin)) in cos_sin.iter().enumerate() {
+            for h in 0..hq {
+                rotate_with(&mut q[(tok * hq + h) * d..][..d], cos, sin);
+            }
+            for h in 0..kv {
+                rotate_with(&mut k[(tok * kv + h) * d..][..d], cos, sin);
+            }
+        }
+        Ok((q, k, v))
+    }
+
     /// `residual + o(attention(x))` for `t` new tokens at cache indices `start..start + t`:
     /// rotates q and k, appends k and v to layer `li`'s cache, attends over the cache.
     #[allow(clippy::too_many_arguments)]
@@ -933,17 +937,7 @@ impl Attention {
         let b = cache.batch;
         let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let g = hq / kv;
-        let mut q = self.q.forward(x)?.to_vec::<f32>()?;
-        let mut k = self.k.forward(x)?.to_vec::<f32>()?;
-        let v = self.v.forward(x)?.to_vec::<f32>()?;
-        for (tok, (cos, sin)) in cos_sin.iter().enumerate() {
-            for h in 0..hq {
-                rotate_with(&mut q[(tok * hq + h) * d..][..d], cos, sin);
-            }
-            for h in 0..kv {
-                rotate_with(&mut k[(tok * kv + h) * d..][..d], cos, sin);
-            }
-        }
+        let (q, k, v) = self.qkv_rotated(x, cos_sin)?;
         {
             let cap = cache.capacity;
             let layer = &mut cache.layers[li];
@@ -986,17 +980,7 @@ impl Attention {
         let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let g = hq / kv;
         let n = slots.len();
-        let mut q = self.q.forward(x)?.to_vec::<f32>()?;
-        let mut k = self.k.forward(x)?.to_vec::<f32>()?;
-        let v = self.v.forward(x)?.to_vec::<f32>()?;
-        for (tok, (cos, sin)) in cos_sin.iter().enumerate() {
-            for h in 0..hq {
-                rotate_with(&mut q[(tok * hq + h) * d..][..d], cos, sin);
-            }
-            for h in 0..kv {
-                rotate_with(&mut k[(tok * kv + h) * d..][..d], cos, sin);
-            }
-        }
+        let (q, k, v) = self.qkv_rotated(x, cos_sin)?;
         for (tok, s) in slots.iter().enumerate() {
             for h in 0..kv {
                 let dst = cache.slot(s.block, h, s.offset);
@@ -1031,7 +1015,7 @@ impl Attention {
                         let mut max = f32::NEG_INFINITY;
                         for (kj, sc) in scores[lo..=qi].iter_mut().enumerate() {
                             let off = key(lo + kj);
-                            *sc = dot(qr, &layer.k[off..off + d]) * scale;
+                            *sc = mgm_kernels::simd::dot(qr, &layer.k[off..off + d]) * scale;
                             max = max.max(*sc);
                         }
                         let mut sum = 0f32;

@@ -130,6 +130,17 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// The model the config describes.
+    pub fn spec(&self) -> MgmSpec {
+        MgmSpec {
+            text: self.model.text.clone(),
+            clip: self.model.clip.clone(),
+            convnext: self.model.convnext.clone(),
+            select_layer: self.model.select_layer,
+            image_size_aux: self.image_size,
+        }
+    }
+
     /// Total optimizer steps over all stages.
     pub fn total_steps(&self) -> u64 {
         self.stage.iter().map(|s| s.steps).sum()
@@ -331,14 +342,7 @@ pub fn train(
     stop_after: Option<u64>,
     mut on_step: impl FnMut(&StepInfo),
 ) -> Result<Option<PathBuf>> {
-    let spec = MgmSpec {
-        text: cfg.model.text.clone(),
-        clip: cfg.model.clip.clone(),
-        convnext: cfg.model.convnext.clone(),
-        select_layer: cfg.model.select_layer,
-        image_size_aux: cfg.image_size,
-    };
-    let model = Mgm::new_trainable(&spec, cfg.seed)?;
+    let model = Mgm::new_trainable(&cfg.spec(), cfg.seed)?;
     std::fs::create_dir_all(&dirs.out).map_err(|e| Error::Io {
         path: dirs.out.display().to_string(),
         source: e,
@@ -580,14 +584,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml");
         let mut cfg = TrainConfig::from_file(&root).unwrap();
         cfg.batch_size = 2;
-        let spec = MgmSpec {
-            text: cfg.model.text.clone(),
-            clip: cfg.model.clip.clone(),
-            convnext: cfg.model.convnext.clone(),
-            select_layer: cfg.model.select_layer,
-            image_size_aux: cfg.image_size,
-        };
-        let model = Mgm::new_trainable(&spec, 3).unwrap();
+        let model = Mgm::new_trainable(&cfg.spec(), 3).unwrap();
         let dir = tempfile::tempdir().unwrap();
         write_tokenizer(dir.path()).unwrap();
         let tok = Tokenizer::from_dir(dir.path()).unwrap();
