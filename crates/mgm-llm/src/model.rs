@@ -1004,35 +1004,45 @@ impl Attention {
                     .block_table(p.id)
                     .map_err(|e| Error::input("CausalLm::step_paged", e.to_string()))?;
                 let l = p.start + p.t;
-                let key = |j: usize| cache.slot(table[j / bs], h, j % bs);
-                let mut out = vec![0f32; p.t * g * d];
-                let mut scores = vec![0f32; l];
+                // the sequence's keys and values gathered from its blocks, then the decode
+                // kernel the contiguous cache uses, with the causal (and window) mask
+                let (mut ks, mut vs) = (Vec::with_capacity(l * d), Vec::with_capacity(l * d));
+                for (bi, &blk) in table.iter().enumerate().take(l.div_ceil(bs)) {
+                    let off = cache.slot(blk, h, 0);
+                    let n = (l - bi * bs).min(bs) * d;
+                    ks.extend_from_slice(&layer.k[off..off + n]);
+                    vs.extend_from_slice(&layer.v[off..off + n]);
+                }
+                let rows = p.t * g;
+                let mut qs = vec![0f32; rows * d];
+                let mut mask = vec![0f32; rows * l];
                 for i in 0..p.t {
-                    let qi = p.start + i;
-                    let lo = window.map_or(0, |w| (qi + 1).saturating_sub(w));
                     for j in 0..g {
-                        let qr = &q[((p.row + i) * hq + h * g + j) * d..][..d];
-                        let mut max = f32::NEG_INFINITY;
-                        for (kj, sc) in scores[lo..=qi].iter_mut().enumerate() {
-                            let off = key(lo + kj);
-                            *sc = mgm_kernels::simd::dot(qr, &layer.k[off..off + d]) * scale;
-                            max = max.max(*sc);
-                        }
-                        let mut sum = 0f32;
-                        for sc in &mut scores[lo..=qi] {
-                            *sc = (*sc - max).exp();
-                            sum += *sc;
-                        }
-                        let o = &mut out[(i * g + j) * d..][..d];
-                        for (kj, &w) in scores[lo..=qi].iter().enumerate() {
-                            let off = key(lo + kj);
-                            let w = w / sum;
-                            for (a, &b) in o.iter_mut().zip(&layer.v[off..off + d]) {
-                                *a += w * b;
+                        let r = i * g + j;
+                        let src = ((p.row + i) * hq + h * g + j) * d;
+                        qs[r * d..(r + 1) * d].copy_from_slice(&q[src..src + d]);
+                        for key in 0..l {
+                            if !attends(window, p.start + i, key, true) {
+                                mask[r * l + key] = f32::NEG_INFINITY;
                             }
                         }
                     }
                 }
+                let mut out = vec![0f32; rows * d];
+                mgm_kernels::attention::cpu(
+                    &qs,
+                    &ks,
+                    &vs,
+                    Some(&mask),
+                    mgm_kernels::attention::Shape {
+                        rows,
+                        keys: l,
+                        d,
+                        dv: d,
+                    },
+                    scale,
+                    &mut out,
+                )?;
                 Ok(out)
             })
             .collect();
