@@ -5,12 +5,12 @@
 //!   and a 512-token prefill's [512, 32000] logits, 65 MB: above glibc's largest mmap
 //!   threshold, so the system allocator maps and faults in fresh pages for it every time),
 //!   each allocated (zeroed as `vec![0.0; n]` is, and uninitialised as `torch.empty` is), a
-//!   byte per page written, and freed, through
-//!   `CachingAlloc` against the system allocator, in interleaved rounds; allocations per second.
+//!   byte per page written, and freed, through `CachingAlloc` against the system allocator, in
+//!   interleaved rounds; allocations per second.
 //! - Paged KV: KV bytes held by 8 sequences of 16, 40, 64, 100, 128, 256, 384 and 512 tokens
 //!   (TinyLlama's 22 layers x 4 KV heads x 64 x (K + V) x f32 per token) in blocks of 16 tokens,
-//!   against one contiguous `[8, 512]` cache (B x max length), the layout mgm-llm's KvCache uses
-//!   (mgm-llm's left-padded KvCache layout).
+//!   against one contiguous `[8, 512]` cache (B x max length, mgm-llm's left-padded `KvCache`
+//!   layout).
 //! - Batched decode: a random LLaMA (hidden 512, 4 layers, 8 heads / 4 KV heads) decoding 32
 //!   tokens for each of those 8 prompts, on a paged cache (`CausalLm::step_paged`) against the
 //!   left-padded contiguous `KvCache`; decode tokens/s and the KV bytes each holds at the end.
@@ -40,7 +40,7 @@ fn touch(p: *mut u8, bytes: usize) {
     }
 }
 
-/// One decode step's buffers, each allocated (zeroed, as `vec![0.0; n]` is, or uninitialised,
+/// One step's buffers, each allocated (zeroed, as `vec![0.0; n]` is, or uninitialised,
 /// as `Vec::with_capacity` and `torch.empty` are), touched and freed.
 fn with(a: &dyn GlobalAlloc, zeroed: bool) {
     for _ in 0..STEPS {
