@@ -1,5 +1,7 @@
 //! Resumable checkpoints: `DIR/step-N/` holds `model.safetensors` (the weights given, by name),
-//! `optimizer.safetensors` (each trained parameter's moments or momentum and, for bf16/f16
+//! `train_only.safetensors` (trained tensors that are not part of the model, e.g. a head only
+//! a pretraining objective reads; only when there are any, so that `model.safetensors` stays
+//! a loadable model), `optimizer.safetensors` (each trained parameter's moments or momentum and, for bf16/f16
 //! parameters, the f32 master copy) and `trainer_state.json` (the step, per-parameter step
 //! counts, the groups, the loss scaler and whatever the caller adds: data and RNG positions).
 //!
@@ -19,6 +21,7 @@ use crate::scaler::LossScaler;
 use crate::{Error, Result};
 
 const FORMAT: &str = "mgm-train checkpoint 1";
+const TRAIN_ONLY: &str = "train_only.safetensors";
 
 /// The training loop's own state stored beside the optimizer's.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,6 +56,18 @@ pub fn save(
     opt: &Optimizer,
     state: &TrainerState,
 ) -> Result<PathBuf> {
+    save_with_train_only(dir, weights, &[], opt, state)
+}
+
+/// [`save`], with `train_only` tensors (trained, but not part of the model) written to
+/// `train_only.safetensors` beside the model's; [`load`] reads both.
+pub fn save_with_train_only(
+    dir: &Path,
+    weights: &[(String, Tensor)],
+    train_only: &[(String, Tensor)],
+    opt: &Optimizer,
+    state: &TrainerState,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let name = format!("step-{}", state.step);
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -64,6 +79,12 @@ pub fn save(
         tmp.join("model.safetensors"),
         weights.iter().map(|(n, t)| (n.as_str(), t)),
     )?;
+    if !train_only.is_empty() {
+        mgm_tensor::safetensors::save(
+            tmp.join(TRAIN_ONLY),
+            train_only.iter().map(|(n, t)| (n.as_str(), t)),
+        )?;
+    }
     let mut opt_tensors: Vec<(String, Tensor)> = Vec::new();
     let mut steps = serde_json::Map::new();
     for p in &opt.params {
@@ -136,9 +157,26 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(ckpt))
 }
 
+/// The weights of a checkpoint directory: its model.safetensors and, when there is one, its
+/// train_only.safetensors, by name.
+pub fn load_weights(ckpt: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut weights = mgm_tensor::safetensors::load(ckpt.join("model.safetensors"))?;
+    if ckpt.join(TRAIN_ONLY).exists() {
+        for (name, t) in mgm_tensor::safetensors::load(ckpt.join(TRAIN_ONLY))? {
+            if weights.insert(name.clone(), t).is_some() {
+                return Err(bad(
+                    &ckpt.join(TRAIN_ONLY),
+                    format!("{name:?} is in model.safetensors too"),
+                ));
+            }
+        }
+    }
+    Ok(weights)
+}
+
 /// Restores a checkpoint directory written by [`save`]: the trained parameters' values (from
-/// its model.safetensors), `opt`'s state, and returns the trainer state with the full weight
-/// map (for parameters the optimizer does not hold). The optimizer must hold the same
+/// its model.safetensors and train_only.safetensors), `opt`'s state, and returns the trainer
+/// state with the full weight map of both files (for parameters the optimizer does not hold). The optimizer must hold the same
 /// parameters as the one saved.
 pub fn load(ckpt: &Path, opt: &mut Optimizer) -> Result<(TrainerState, HashMap<String, Tensor>)> {
     let meta_path = ckpt.join("trainer_state.json");
@@ -158,7 +196,7 @@ pub fn load(ckpt: &Path, opt: &mut Optimizer) -> Result<(TrainerState, HashMap<S
     let step = meta["step"]
         .as_u64()
         .ok_or_else(|| bad(&meta_path, "no \"step\""))?;
-    let weights = mgm_tensor::safetensors::load(ckpt.join("model.safetensors"))?;
+    let weights = load_weights(ckpt)?;
     let bufs = mgm_tensor::safetensors::load(ckpt.join("optimizer.safetensors"))?;
     let steps = &meta["param_steps"];
     let opt_kind = opt.kind();

@@ -314,3 +314,45 @@ fn bf16_training_keeps_f32_masters_and_follows_the_f32_run() {
     let v = w.as_tensor().to_vec_f64().unwrap()[0];
     assert_eq!(v, 1.0078125, "w = {v}");
 }
+
+#[test]
+fn train_only_tensors_live_beside_the_model_and_come_back_on_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = mlp(1);
+    let mut t = trainer(&p);
+    train(&mut t, &p, 0..2);
+    let state = TrainerState {
+        step: 2,
+        scaler: None,
+        extra: serde_json::Value::Null,
+    };
+    // the first parameter plays a head that the model does not keep
+    let all = weights(&p);
+    let (head, model) = all.split_at(1);
+    let c = checkpoint::save_with_train_only(tmp.path(), model, head, &t.opt, &state).unwrap();
+    let in_model = mgm_tensor::safetensors::load(c.join("model.safetensors")).unwrap();
+    assert!(!in_model.contains_key(&head[0].0) && in_model.len() == model.len());
+    let q = mlp(7);
+    let mut t2 = trainer(&q);
+    let (_, w) = checkpoint::load(&c, &mut t2.opt).expect("the head comes from train_only");
+    assert_eq!(w.len(), all.len());
+    for ((_, a), (_, b)) in p.iter().zip(&q) {
+        assert_eq!(
+            a.as_tensor().to_vec::<f32>().unwrap(),
+            b.as_tensor().to_vec::<f32>().unwrap()
+        );
+    }
+    // a name in both files is an error that names the file
+    mgm_tensor::safetensors::save(
+        c.join("train_only.safetensors"),
+        model.iter().take(1).map(|(n, t)| (n.as_str(), t)),
+    )
+    .unwrap();
+    let e = checkpoint::load(&c, &mut trainer(&mlp(5)).opt)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("train_only.safetensors") && e.contains("too"),
+        "{e}"
+    );
+}
