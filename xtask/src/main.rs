@@ -36,7 +36,7 @@ enum Cmd {
         python: String,
     },
     /// Train the default model from scratch (`mgm train --config configs/shapes.toml`, about
-    /// 13 minutes on 2 cores) into target/shapes-train and print the held-out accuracy; with
+    /// 12 minutes on 2 cores) into target/shapes-train and print the held-out accuracy; with
     /// --install, copy the trained model over the embedded default (crates/mgm/assets).
     TrainDemo {
         /// Replace crates/mgm/assets/default-model with the result.

@@ -7,6 +7,9 @@
 //! - "Is there a red circle?" -> "yes" / "no" (half and half);
 //! - "Where is the triangle?" -> "top left" / "top right" / "bottom left" / "bottom right".
 //!
+//! Training mixes in captions ([`caption_sample`]: "Describe the image." -> "square red top
+//! left, star blue bottom right").
+//!
 //! Sample `i` of a split is a pure function of the split's seed and `i`, so a training run can
 //! stop and resume anywhere and the held-out split never overlaps the training one.
 //!
@@ -216,6 +219,61 @@ pub fn sample(seed: u64, index: u64, size: usize) -> Sample {
     }
 }
 
+/// The question of a caption sample ([`caption_sample`]).
+pub const CAPTION_PROMPT: &str = "Describe the image.";
+
+/// The caption of a scene: every object as shape, colour and place, in shape order
+/// ("circle blue bottom right, square red top left"), or when `by_colour` as colour, shape
+/// and place in colour order ("red square top left, blue circle bottom right"). Each object's
+/// first word selects it and the rest is looked up: the lookups by shape and by colour the
+/// questions ask for, practised on every object.
+pub fn caption(objects: &[Object], by_colour: bool) -> String {
+    let mut sorted = objects.to_vec();
+    if by_colour {
+        sorted.sort_by_key(|o| (o.colour, o.quadrant));
+    } else {
+        sorted.sort_by_key(|o| (o.shape, o.quadrant));
+    }
+    sorted
+        .iter()
+        .map(|o| {
+            let (c, s, p) = (COLOURS[o.colour].0, SHAPES[o.shape], PLACES[o.quadrant]);
+            if by_colour {
+                format!("{c} {s} {p}")
+            } else {
+                format!("{s} {c} {p}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Sample `index` of the split `seed` as a caption: [`sample`]'s scene and image with
+/// [`CAPTION_PROMPT`] as the question and the scene's [`caption`] (in shape or colour order,
+/// seeded by `index`) as the answer. LLaVA and MGM
+/// pretrain on captions before instructions: a caption names every object's shape, so each
+/// image token gets a direct signal, where a question asks about one object at a time.
+pub fn caption_sample(seed: u64, index: u64, size: usize) -> Sample {
+    let mut s = sample(seed, index, size);
+    s.question = CAPTION_PROMPT.to_string();
+    s.answer = caption(
+        &s.objects,
+        Rng::new(seed ^ 0x00C0_100B, index).below(2) == 1,
+    );
+    s
+}
+
+/// Sample `index` of a training split where a `captions` fraction of the samples (chosen by
+/// index, seeded) are [`caption_sample`]s and the rest [`sample`]s.
+pub fn training_sample(seed: u64, index: u64, size: usize, captions: f64) -> Sample {
+    let mut rng = Rng::new(seed ^ 0xCA97_10A5, index);
+    if f64::from(rng.unit()) < captions {
+        caption_sample(seed, index, size)
+    } else {
+        sample(seed, index, size)
+    }
+}
+
 /// The split of the README's example image (neither the training split nor the held-out one).
 pub const EXAMPLE_SEED: u64 = 424_242;
 
@@ -263,9 +321,9 @@ fn byte_chars() -> Vec<char> {
 }
 
 /// The words of the dataset's questions and answers besides the colours and shapes.
-const WORDS: [&str; 21] = [
+const WORDS: [&str; 23] = [
     "What", "colour", "is", "the", "How", "many", "shapes", "are", "there", "Is", "a", "Where",
-    "yes", "no", "one", "two", "three", "top", "bottom", "left", "right",
+    "yes", "no", "one", "two", "three", "top", "bottom", "left", "right", "Describe", "image",
 ];
 
 /// The default model's tokenizer, a small byte-level BPE: one token per byte (ids 0..=255),
@@ -369,6 +427,62 @@ mod tests {
             cfg.contains(&format!("vocab_size = {n}\n")),
             "configs/shapes.toml vocab_size != {n}"
         );
+    }
+
+    #[test]
+    fn captions_name_every_object_and_mix_at_the_asked_rate() {
+        let mut orders = [0, 0];
+        for i in 0..200 {
+            let s = caption_sample(1, i, 32);
+            assert_eq!(s.question, CAPTION_PROMPT);
+            // parse the caption back into (shape, colour, quadrant) triples
+            let shape_first = SHAPES.iter().any(|x| s.answer.starts_with(x));
+            orders[usize::from(shape_first)] += 1;
+            let mut got: Vec<(usize, usize, usize)> = s
+                .answer
+                .split(", ")
+                .map(|part| {
+                    let w: Vec<&str> = part.split(' ').collect();
+                    assert_eq!(w.len(), 4, "{part:?}");
+                    let place = PLACES.iter().position(|p| *p == w[2..].join(" ")).unwrap();
+                    let (sh, co) = if shape_first {
+                        (w[0], w[1])
+                    } else {
+                        (w[1], w[0])
+                    };
+                    (
+                        SHAPES.iter().position(|x| *x == sh).unwrap(),
+                        COLOURS.iter().position(|x| x.0 == co).unwrap(),
+                        place,
+                    )
+                })
+                .collect();
+            let mut want: Vec<_> = s
+                .objects
+                .iter()
+                .map(|o| (o.shape, o.colour, o.quadrant))
+                .collect();
+            // the objects are in the order of their first word
+            let keys: Vec<usize> = got
+                .iter()
+                .map(|g| if shape_first { g.0 } else { g.1 })
+                .collect();
+            assert!(keys.windows(2).all(|k| k[0] <= k[1]), "{:?}", s.answer);
+            got.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(got, want, "sample {i}: {:?}", s.answer);
+            // the same scene and image as the question sample
+            assert_eq!(s.image.as_bytes(), sample(1, i, 32).image.as_bytes());
+        }
+        assert!(
+            orders[0] > 50 && orders[1] > 50,
+            "both orders occur: {orders:?}"
+        );
+        let n = (0..1000)
+            .filter(|&i| training_sample(1, i, 16, 0.3).question == CAPTION_PROMPT)
+            .count();
+        assert!((240..360).contains(&n), "{n} captions in 1000 at 0.3");
+        assert!((0..100).all(|i| training_sample(1, i, 16, 0.0).question != CAPTION_PROMPT));
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! The config names the model (`[model.text]`, `[model.clip]`, `[model.convnext]`: the
 //! transformers config keys of the decoder and the two towers), the parameter groups by name
 //! pattern (`[groups.NAME] patterns = [...]`, the first matching group takes a parameter) and
-//! the stages (`[[stage]] name, steps, lr = { group = lr, ... }`): a group without an lr in a
-//! stage is frozen there. Every stage starts a fresh AdamW with linear warmup and cosine decay.
+//! the stages (`[[stage]] name, steps, lr = { group = lr, ... }`, optionally `captions` (the
+//! fraction of samples that are captions) and `objective = "scene"` (tower pretraining, see
+//! [`Objective`])): a group without an lr in a stage is frozen there. Every stage starts a fresh AdamW with linear warmup and cosine decay.
 //! Checkpoints (every `checkpoint_every` steps and at each stage's end) go to
 //! `OUT/checkpoints/step-N` (each also a model directory that `mgm generate --model` runs)
 //! and a run resumes from the latest one with the same losses as an uninterrupted run; the
@@ -38,6 +39,30 @@ pub struct StageConfig {
     pub lr: BTreeMap<String, f64>,
     /// Warmup steps (default 5% of the stage).
     pub warmup: Option<u64>,
+    /// The fraction of the stage's samples that are captions (mgm::shapes::caption_sample)
+    /// rather than questions; default 0.
+    #[serde(default)]
+    pub captions: f64,
+    /// What the stage's loss is (default: the decoder's answers).
+    #[serde(default)]
+    pub objective: Objective,
+}
+
+/// What a stage trains on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// MGM's loss: cross-entropy of the decoder's answer tokens.
+    #[default]
+    Answers,
+    /// Tower pretraining: every image token (one per quadrant) predicts the shape and the colour
+    /// of the object in its quadrant, or that there is none, through a linear head
+    /// (`scene_head.*`) that only this objective uses and the final model does not keep. MGM's
+    /// towers come pretrained (CLIP, ImageNet/LAION ConvNeXt); trained from scratch, they
+    /// learn shape through the decoder's loss alone only slowly: the decoder cannot read a
+    /// feature the towers do not have yet, and the towers get no signal for one the decoder
+    /// does not read.
+    Scene,
 }
 
 /// A parameter group of the config.
@@ -124,6 +149,16 @@ impl TrainConfig {
                 )));
             }
         }
+        if let Some(s) = cfg
+            .stage
+            .iter()
+            .find(|s| !(0.0..=1.0).contains(&s.captions))
+        {
+            return Err(err(format!(
+                "stage {:?}: captions = {} is not a fraction in [0, 1]",
+                s.name, s.captions
+            )));
+        }
         if cfg.stage.is_empty() || cfg.batch_size == 0 {
             return Err(err("need at least one [[stage]] and batch_size > 0".into()));
         }
@@ -209,6 +244,7 @@ fn batch_loss(
     processor: &ImageProcessor,
     cfg: &TrainConfig,
     first: u64,
+    captions: f64,
 ) -> Result<(Tensor, usize)> {
     let eos = *model
         .language_model()
@@ -220,7 +256,7 @@ fn batch_loss(
             msg: "the decoder config needs an eos_token_id".into(),
         })?;
     let samples: Vec<_> = (0..cfg.batch_size as u64)
-        .map(|i| crate::shapes::sample(cfg.seed, first + i, cfg.image_size))
+        .map(|i| crate::shapes::training_sample(cfg.seed, first + i, cfg.image_size, captions))
         .collect();
     let images: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();
     let toks = model.image_tokens(&processor.preprocess_padded(&images)?, None)?;
@@ -266,9 +302,96 @@ fn batch_loss(
     Ok((causal_lm_loss(&logits, &labels, 0.0)?, b * t_max))
 }
 
+/// The linear head of [`Objective::Scene`]: image token -> shape (or none) and colour (or
+/// none) logits.
+struct SceneHead {
+    vars: Vec<(String, mgm_tensor::Var)>,
+}
+
+impl SceneHead {
+    fn new(hidden: usize, seed: u64) -> Result<SceneHead> {
+        let mut vars = Vec::new();
+        for (k, (name, n)) in [
+            ("shape", crate::shapes::SHAPES.len() + 1),
+            ("colour", crate::shapes::COLOURS.len() + 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // PyTorch's nn.Linear init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias
+            let bound = 1.0 / (hidden as f64).sqrt();
+            for (part, shape) in [("weight", vec![hidden, n]), ("bias", vec![n])] {
+                let t = Tensor::rand_uniform(
+                    seed.wrapping_add(7919 * (2 * k as u64 + u64::from(part == "bias"))),
+                    &shape,
+                    -bound,
+                    bound,
+                    DType::F32,
+                    mgm_tensor::Device::Cpu,
+                )?;
+                vars.push((
+                    format!("scene_head.{name}.{part}"),
+                    mgm_tensor::Var::from_tensor(&t)?,
+                ));
+            }
+        }
+        Ok(SceneHead { vars })
+    }
+
+    /// Logits `[N, classes]` of head `k` (0 shape, 1 colour) for tokens `[N, hidden]`.
+    fn logits(&self, k: usize, x: &Tensor) -> Result<Tensor> {
+        let w = self.vars[2 * k].1.as_tensor();
+        let b = self.vars[2 * k + 1].1.as_tensor();
+        Ok(x.matmul(&w)?.add(&b)?)
+    }
+}
+
+/// The [`Objective::Scene`] loss of samples `first..first + n` of the training split: the
+/// mean of the shape and the colour cross-entropies over every image token.
+fn scene_loss(
+    model: &Mgm,
+    head: &SceneHead,
+    processor: &ImageProcessor,
+    cfg: &TrainConfig,
+    first: u64,
+) -> Result<(Tensor, usize)> {
+    let samples: Vec<_> = (0..cfg.batch_size as u64)
+        .map(|i| crate::shapes::sample(cfg.seed, first + i, cfg.image_size))
+        .collect();
+    let images: Vec<_> = samples.iter().map(|s| s.image.clone()).collect();
+    let toks = model.image_tokens(&processor.preprocess_padded(&images)?, None)?;
+    let (b, n, hidden) = (toks.shape()[0], toks.shape()[1], toks.shape()[2]);
+    if n != crate::shapes::PLACES.len() {
+        return Err(Error::Input {
+            name: "objective".into(),
+            msg: format!(
+                "\"scene\" needs one image token per quadrant (a 2 x 2 grid), the model makes {n}"
+            ),
+        });
+    }
+    let (mut shapes, mut colours) = (Vec::with_capacity(b * n), Vec::with_capacity(b * n));
+    for s in &samples {
+        for q in 0..n {
+            let o = s.objects.iter().find(|o| o.quadrant == q);
+            shapes.push(o.map_or(0, |o| o.shape as i64 + 1));
+            colours.push(o.map_or(0, |o| o.colour as i64 + 1));
+        }
+    }
+    let x = toks.reshape(&[b * n, hidden])?;
+    let ce = |k: usize, y: Vec<i64>| -> Result<Tensor> {
+        let y = Tensor::from_vec(y, &[b * n])?;
+        Ok(head.logits(k, &x)?.cross_entropy(&y, IGNORE_INDEX, 0.0)?)
+    };
+    let loss = ce(0, shapes)?.add(&ce(1, colours)?)?.mul_scalar(0.5)?;
+    Ok((loss, b * n))
+}
+
 /// The optimizer of stage `s`: its groups with an lr, the other groups' parameters frozen.
-fn stage_optimizer(model: &Mgm, cfg: &TrainConfig, s: &StageConfig) -> Result<Optimizer> {
-    let vars = model.trainable_vars();
+fn stage_optimizer(
+    vars: Vec<(String, mgm_tensor::Var)>,
+    cfg: &TrainConfig,
+    s: &StageConfig,
+) -> Result<Optimizer> {
     let group_of = |name: &str| {
         cfg.group_order.iter().find(|g| {
             cfg.groups[*g]
@@ -343,6 +466,21 @@ pub fn train(
     mut on_step: impl FnMut(&StepInfo),
 ) -> Result<Option<PathBuf>> {
     let model = Mgm::new_trainable(&cfg.spec(), cfg.seed)?;
+    let head = SceneHead::new(model.language_model().config().hidden_size, cfg.seed)?;
+    // every parameter the run trains: the scene head's too when a stage uses it
+    let uses_head = cfg.stage.iter().any(|s| s.objective == Objective::Scene);
+    let head_vars = || {
+        if uses_head {
+            head.vars.clone()
+        } else {
+            Vec::new()
+        }
+    };
+    let all_vars = || {
+        let mut v = model.trainable_vars();
+        v.extend(head_vars());
+        v
+    };
     std::fs::create_dir_all(&dirs.out).map_err(|e| Error::Io {
         path: dirs.out.display().to_string(),
         source: e,
@@ -392,7 +530,7 @@ pub fn train(
     let mut done_here = 0u64;
     let mut global: u64 = cfg.stage[..start.0].iter().map(|s| s.steps).sum::<u64>() + start.1;
     for (si, stage) in cfg.stage.iter().enumerate().skip(start.0) {
-        let opt = stage_optimizer(&model, cfg, stage)?;
+        let opt = stage_optimizer(all_vars(), cfg, stage)?;
         let warmup = stage.warmup.unwrap_or(stage.steps / 20);
         let mut trainer = Trainer::new(
             opt,
@@ -406,13 +544,13 @@ pub fn train(
         if let Some(c) = restored.take().filter(|_| si == start.0) {
             let weights = if start.1 == 0 {
                 // written at the previous stage's end: the weights, and a fresh optimizer
-                mgm_tensor::safetensors::load(c.join("model.safetensors"))?
+                checkpoint::load_weights(&c)?
             } else {
                 let (st, weights) = checkpoint::load(&c, &mut trainer.opt)?;
                 trainer.step = st.extra["trainer_step"].as_u64().unwrap_or(0);
                 weights
             };
-            for (name, var) in model.trainable_vars() {
+            for (name, var) in all_vars() {
                 let w = weights.get(&name).ok_or_else(|| Error::Input {
                     name: c.display().to_string(),
                     msg: format!("the checkpoint has no {name:?}"),
@@ -426,8 +564,13 @@ pub fn train(
             let sample0 = global * cfg.batch_size as u64;
             let mut tokens = 0;
             let r = trainer.step(&[1.0], |_| {
-                let (l, n) = batch_loss(&model, &tok, &processor, cfg, sample0)
-                    .map_err(|e| mgm_train::Error::Input(e.to_string()))?;
+                let (l, n) = match stage.objective {
+                    Objective::Answers => {
+                        batch_loss(&model, &tok, &processor, cfg, sample0, stage.captions)
+                    }
+                    Objective::Scene => scene_loss(&model, &head, &processor, cfg, sample0),
+                }
+                .map_err(|e| mgm_train::Error::Input(e.to_string()))?;
                 tokens = n;
                 Ok(l)
             })?;
@@ -462,11 +605,14 @@ pub fn train(
             let stopping = stop_after.is_some_and(|n| done_here >= n);
             if last || stopping || (k + 1) % cfg.checkpoint_every.max(1) == 0 {
                 let (ns, nk) = if last { (si + 1, 0) } else { (si, k + 1) };
-                let weights: Vec<(String, Tensor)> = model
-                    .trainable_vars()
-                    .into_iter()
-                    .map(|(n, v)| (n, v.as_tensor().detach()))
-                    .collect();
+                let detached = |vars: Vec<(String, mgm_tensor::Var)>| -> Vec<(String, Tensor)> {
+                    vars.into_iter()
+                        .map(|(n, v)| (n, v.as_tensor().detach()))
+                        .collect()
+                };
+                let weights = detached(model.trainable_vars());
+                // the scene head is not part of the model: model.safetensors stays loadable
+                let train_only = detached(head_vars());
                 // named by the global step; the stage's own step count rides along
                 let state = TrainerState {
                     step: global,
@@ -474,7 +620,13 @@ pub fn train(
                     extra: serde_json::json!({"stage": ns, "stage_step": nk,
                                               "trainer_step": if last { 0 } else { trainer.step }}),
                 };
-                let c = checkpoint::save(&ckpts, &weights, &trainer.opt, &state)?;
+                let c = checkpoint::save_with_train_only(
+                    &ckpts,
+                    &weights,
+                    &train_only,
+                    &trainer.opt,
+                    &state,
+                )?;
                 // a checkpoint is also a model directory: `mgm generate --model` runs it
                 model.save_config(&c)?;
                 write_tokenizer(&c)?;
@@ -589,7 +741,11 @@ mod tests {
         write_tokenizer(dir.path()).unwrap();
         let tok = Tokenizer::from_dir(dir.path()).unwrap();
         let processor = ImageProcessor::clip(cfg.image_size);
-        let loss = || batch_loss(&model, &tok, &processor, &cfg, 5).unwrap().0;
+        let loss = || {
+            batch_loss(&model, &tok, &processor, &cfg, 5, 0.0)
+                .unwrap()
+                .0
+        };
         let grads = loss().backward().unwrap();
         let vars = model.trainable_vars();
         let n = cfg.model.clip["num_hidden_layers"].as_u64().unwrap();
@@ -649,5 +805,135 @@ mod tests {
             "only {checked} parameters had a measurable gradient"
         );
         assert!(worst.is_empty(), "{}", worst.join("\n"));
+    }
+
+    /// The per-entry check above skips every parameter whose largest gradient is below 1e-3,
+    /// which is most of the towers': here each part's whole gradient is checked along a random
+    /// direction (g . d against (L(w + e d) - L(w - e d)) / 2e), captions and scene loss included.
+    #[test]
+    fn each_parts_gradient_matches_a_directional_finite_difference() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml");
+        let mut cfg = TrainConfig::from_file(&root).unwrap();
+        cfg.batch_size = 2;
+        let model = Mgm::new_trainable(&cfg.spec(), 3).unwrap();
+        let head = SceneHead::new(model.language_model().config().hidden_size, 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_tokenizer(dir.path()).unwrap();
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        let processor = ImageProcessor::clip(cfg.image_size);
+        let mut vars = model.trainable_vars();
+        vars.extend(head.vars.iter().cloned());
+        let mut bad = Vec::new();
+        for objective in [Objective::Answers, Objective::Scene] {
+            let loss = || {
+                match objective {
+                    Objective::Answers => batch_loss(&model, &tok, &processor, &cfg, 5, 1.0),
+                    Objective::Scene => scene_loss(&model, &head, &processor, &cfg, 5),
+                }
+                .unwrap()
+                .0
+            };
+            let grads = loss().backward().unwrap();
+            let parts: &[&str] = match objective {
+                Objective::Answers => &[
+                    "model.vision_tower.",
+                    "model.vision_tower_aux.",
+                    "model.vlm_uni",
+                    "model.mm_projector",
+                    "model.layers",
+                ],
+                Objective::Scene => &["model.vision_tower_aux.", "scene_head"],
+            };
+            for prefix in parts {
+                let sel: Vec<_> = vars.iter().filter(|(n, _)| n.starts_with(prefix)).collect();
+                let mut gd = 0.0;
+                let mut dirs = Vec::new();
+                for (k, (_, var)) in sel.iter().enumerate() {
+                    let w = var.as_tensor().detach().to_vec_f64().unwrap();
+                    // each entry moved in proportion to its tensor's scale, so that a step
+                    // of eps changes every part by the same relative amount
+                    let rms = (w.iter().map(|x| x * x).sum::<f64>() / w.len() as f64)
+                        .sqrt()
+                        .max(1e-2);
+                    let d = Tensor::randn(
+                        77 + k as u64,
+                        &[w.len()],
+                        0.0,
+                        rms,
+                        DType::F64,
+                        mgm_tensor::Device::Cpu,
+                    )
+                    .unwrap()
+                    .to_vec_f64()
+                    .unwrap();
+                    if let Some(g) = grads.get_var(var) {
+                        let g = g.to_vec_f64().unwrap();
+                        gd += g.iter().zip(&d).map(|(a, b)| a * b).sum::<f64>();
+                    }
+                    dirs.push((w, d));
+                }
+                let at = |e: f64| {
+                    for ((_, var), (w, d)) in sel.iter().zip(&dirs) {
+                        let v: Vec<f32> =
+                            w.iter().zip(d).map(|(a, b)| (a + e * b) as f32).collect();
+                        var.set(&Tensor::from_vec(v, var.as_tensor().shape()).unwrap())
+                            .unwrap();
+                    }
+                    mgm_tensor::no_grad(|| loss().to_vec_f64().unwrap()[0])
+                };
+                let eps = 1e-2;
+                let (up, down) = (at(eps), at(-eps));
+                let fd = (up - down) / (2.0 * eps);
+                at(0.0);
+                let rel = (fd - gd).abs() / gd.abs().max(fd.abs());
+                // the loss must move well above its f32 rounding (5e-7 here) for the check to mean much
+                if rel.is_nan() || rel >= 0.03 || (up - down).abs() < 2e-5 {
+                    bad.push(format!(
+                        "{objective:?} {prefix}: autograd {gd:.5e}, finite difference {fd:.5e} \
+                         (loss {down:.6} .. {up:.6})"
+                    ));
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
+    #[test]
+    fn the_scene_objective_needs_a_token_per_quadrant() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml");
+        let mut cfg = TrainConfig::from_file(&root).unwrap();
+        cfg.batch_size = 1;
+        cfg.model.clip["patch_size"] = serde_json::json!(8); // 4 x 4 tokens
+        let model = Mgm::new_trainable(&cfg.spec(), 3).unwrap();
+        let head = SceneHead::new(model.language_model().config().hidden_size, 3).unwrap();
+        let processor = ImageProcessor::clip(cfg.image_size);
+        let e = scene_loss(&model, &head, &processor, &cfg, 0)
+            .expect_err("16 tokens are not 4 quadrants")
+            .to_string();
+        assert!(
+            e.contains("one image token per quadrant") && e.contains("16"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_stage_is_a_config_error_that_names_it() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml");
+        let text = std::fs::read_to_string(&root).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.toml");
+        for (from, to, want) in [
+            (
+                "captions = 0.5",
+                "captions = 1.5",
+                "\"decoder\": captions = 1.5 is not a fraction",
+            ),
+            ("objective = \"scene\"", "objective = \"sceen\"", "sceen"),
+        ] {
+            assert!(text.contains(from));
+            std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+            let e = TrainConfig::from_file(&p).unwrap_err().to_string();
+            assert!(e.contains("bad.toml") && e.contains(want), "{e}");
+        }
     }
 }
