@@ -729,17 +729,33 @@ impl Accuracy {
 mod tests {
     use super::*;
 
+    fn shapes_toml() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml")
+    }
+
+    /// configs/shapes.toml with a small batch.
+    fn shapes_config(batch_size: usize) -> TrainConfig {
+        let mut cfg = TrainConfig::from_file(&shapes_toml()).unwrap();
+        cfg.batch_size = batch_size;
+        cfg
+    }
+
+    /// The tokenizer `train` writes, loaded from a temporary directory (kept alive by the
+    /// first value).
+    fn shapes_tokenizer() -> (tempfile::TempDir, Tokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        write_tokenizer(dir.path()).unwrap();
+        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        (dir, tok)
+    }
+
     /// The whole shapes model's loss gradient with respect to parameters of every part (both
     /// towers, mining, projector, decoder) against central differences of the loss.
     #[test]
     fn gradients_of_every_part_match_finite_differences() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml");
-        let mut cfg = TrainConfig::from_file(&root).unwrap();
-        cfg.batch_size = 2;
+        let cfg = shapes_config(2);
         let model = Mgm::new_trainable(&cfg.spec(), 3).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        write_tokenizer(dir.path()).unwrap();
-        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        let (_dir, tok) = shapes_tokenizer();
         let processor = ImageProcessor::clip(cfg.image_size);
         let loss = || {
             batch_loss(&model, &tok, &processor, &cfg, 5, 0.0)
@@ -812,14 +828,10 @@ mod tests {
     /// direction (g . d against (L(w + e d) - L(w - e d)) / 2e), captions and scene loss included.
     #[test]
     fn each_parts_gradient_matches_a_directional_finite_difference() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml");
-        let mut cfg = TrainConfig::from_file(&root).unwrap();
-        cfg.batch_size = 2;
+        let cfg = shapes_config(2);
         let model = Mgm::new_trainable(&cfg.spec(), 3).unwrap();
         let head = SceneHead::new(model.language_model().config().hidden_size, 3).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        write_tokenizer(dir.path()).unwrap();
-        let tok = Tokenizer::from_dir(dir.path()).unwrap();
+        let (_dir, tok) = shapes_tokenizer();
         let processor = ImageProcessor::clip(cfg.image_size);
         let mut vars = model.trainable_vars();
         vars.extend(head.vars.iter().cloned());
@@ -900,9 +912,7 @@ mod tests {
 
     #[test]
     fn the_scene_objective_needs_a_token_per_quadrant() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml");
-        let mut cfg = TrainConfig::from_file(&root).unwrap();
-        cfg.batch_size = 1;
+        let mut cfg = shapes_config(1);
         cfg.model.clip["patch_size"] = serde_json::json!(8); // 4 x 4 tokens
         let model = Mgm::new_trainable(&cfg.spec(), 3).unwrap();
         let head = SceneHead::new(model.language_model().config().hidden_size, 3).unwrap();
@@ -918,8 +928,7 @@ mod tests {
 
     #[test]
     fn a_bad_stage_is_a_config_error_that_names_it() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/shapes.toml");
-        let text = std::fs::read_to_string(&root).unwrap();
+        let text = std::fs::read_to_string(shapes_toml()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.toml");
         for (from, to, want) in [
