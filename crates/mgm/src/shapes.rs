@@ -250,9 +250,9 @@ pub fn caption(objects: &[Object], by_colour: bool) -> String {
 
 /// Sample `index` of the split `seed` as a caption: [`sample`]'s scene and image with
 /// [`CAPTION_PROMPT`] as the question and the scene's [`caption`] (in shape or colour order,
-/// seeded by `index`) as the answer. LLaVA and MGM
-/// pretrain on captions before instructions: a caption names every object's shape, so each
-/// image token gets a direct signal, where a question asks about one object at a time.
+/// seeded by `index`) as the answer. LLaVA and MGM train on captions as well as instructions;
+/// here a caption practises, on every object, the lookup by shape or colour that a question
+/// asks for once (captions in quadrant order did not help: crates/mgm/README.md).
 pub fn caption_sample(seed: u64, index: u64, size: usize) -> Sample {
     let mut s = sample(seed, index, size);
     s.question = CAPTION_PROMPT.to_string();
@@ -266,8 +266,7 @@ pub fn caption_sample(seed: u64, index: u64, size: usize) -> Sample {
 /// Sample `index` of a training split where a `captions` fraction of the samples (chosen by
 /// index, seeded) are [`caption_sample`]s and the rest [`sample`]s.
 pub fn training_sample(seed: u64, index: u64, size: usize, captions: f64) -> Sample {
-    let mut rng = Rng::new(seed ^ 0xCA97_10A5, index);
-    if f64::from(rng.unit()) < captions {
+    if f64::from(Rng::new(seed ^ 0xCA97_10A5, index).unit()) < captions {
         caption_sample(seed, index, size)
     } else {
         sample(seed, index, size)
