@@ -27,6 +27,7 @@ pub mod simd;
 
 pub mod gemm;
 pub mod layer_norm_gelu;
+pub mod parallel;
 pub mod quant;
 pub mod rms_norm;
 pub mod softmax;

@@ -503,6 +503,11 @@ impl CausalLm {
     /// [`CausalLm::forward`] from input embeddings `[B, T, hidden]` (as [`CausalLm::embed`]
     /// makes them, no further scaling), like transformers' `inputs_embeds`.
     pub fn forward_embeds(&self, embeds: &Tensor, pos: Option<&Positions>) -> Result<Tensor> {
+        // one handoff to the pool per call instead of one per kernel (mgm_kernels::parallel)
+        mgm_kernels::parallel::on_pool(|| self.forward_embeds_on_pool(embeds, pos))
+    }
+
+    fn forward_embeds_on_pool(&self, embeds: &Tensor, pos: Option<&Positions>) -> Result<Tensor> {
         let (b, t) = self.check_embeds("CausalLm::forward_embeds", embeds)?;
         let own;
         let pos = match pos {
@@ -601,6 +606,18 @@ impl CausalLm {
         cache: &mut KvCache,
         logits_to_keep: usize,
     ) -> Result<Tensor> {
+        mgm_kernels::parallel::on_pool(|| {
+            self.step_embeds_on_pool(embeds, pos, cache, logits_to_keep)
+        })
+    }
+
+    fn step_embeds_on_pool(
+        &self,
+        embeds: &Tensor,
+        pos: &Positions,
+        cache: &mut KvCache,
+        logits_to_keep: usize,
+    ) -> Result<Tensor> {
         let (b, t) = self.check_embeds("CausalLm::step", embeds)?;
         if b != cache.batch {
             return Err(Error::input(
@@ -692,6 +709,14 @@ impl CausalLm {
     /// last new token, in the order of `inputs`. On error (unknown sequence, out of blocks,
     /// bad ids) the cache is left as it was.
     pub fn step_paged(
+        &self,
+        inputs: &[(SeqId, &[i64])],
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
+        mgm_kernels::parallel::on_pool(|| self.step_paged_on_pool(inputs, cache))
+    }
+
+    fn step_paged_on_pool(
         &self,
         inputs: &[(SeqId, &[i64])],
         cache: &mut PagedKvCache,
