@@ -12,15 +12,14 @@
 //!   values per byte (value `j` in the low nibble of byte `j`, value `j + 16` in the high
 //!   nibble), 16 bytes per group (4.5 bits per weight).
 //!
-//! Activations multiply on integers like llama.cpp (q8 below [`gemm::PACK_ROWS`] rows, q4
-//! always): each row is quantized to int8 in blocks of 32 (`s_x = max|x| / 127`), every
-//! block's integer dot product runs on AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per
-//! instruction; a portable loop elsewhere) and is scaled by `s_x s_w` in f32. The weights are
-//! read in place (a mapped file works), once per call: each weight vector is loaded and
-//! unpacked once for up to four activation rows. A q8 prefill (from [`gemm::PACK_ROWS`] rows
-//! on) is compute-bound, and there the f32 FMA GEMM beats the integer one: each task
-//! dequantizes a chunk of weight rows exactly and packs it for the microkernel, and the
-//! activations stay f32 (which also drops their quantization error).
+//! Activations multiply on integers like llama.cpp, for any number of rows: each row is
+//! quantized to int8 in blocks of 32 (`s_x = max|x| / 127`), every block's integer dot product
+//! runs on AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per instruction; a portable loop
+//! elsewhere) and is scaled by `s_x s_w` in f32. The weights are read in place (a mapped file
+//! works), once per call: each weight vector is loaded and unpacked once for up to four
+//! activation rows. (A q8 prefill once took the f32 FMA GEMM on weights dequantized a chunk at
+//! a time; after the integer kernels' call overhead went, the integer path measured faster:
+//! 86-89 against 55 tokens/s for a 128-token prompt at TinyLlama's shapes on a 2-core Zen 5.)
 //!
 //! [`reference`] computes the same math in f64 (weights and activations dequantized exactly as
 //! the kernel quantizes them), so the tests can hold the fast paths to f32 accuracy; the error
@@ -43,7 +42,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::gemm::{self, Epilogue, MatMut, MatRef, RhsPanels};
+use crate::gemm::{Epilogue, MatMut, MatRef};
 use crate::simd::{simd_call, simd_level, simd_variants};
 
 const KERNEL: &str = "quant";
@@ -313,6 +312,12 @@ fn quantize_row(x: &[f32]) -> QuantRow {
     let blocks = x.len().div_ceil(GROUP);
     let mut q = vec![0i8; blocks * GROUP];
     let mut s = vec![0f32; blocks];
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() == crate::simd::Simd::Avx512 {
+        // SAFETY: simd_level() detected AVX-512F.
+        unsafe { avx512::quantize_into(x, &mut q, &mut s) };
+        return QuantRow { q, s };
+    }
     simd_call!(
         simd_level(),
         quantize_into,
@@ -379,8 +384,7 @@ fn check(
 }
 
 /// The f64 reference: `X W^T` with `W` dequantized and `X` quantized in blocks of 32 exactly
-/// as [`cpu`] does (unquantized where [`cpu`] takes its f32 prefill path: q8 from
-/// [`gemm::PACK_ROWS`] rows on); epilogue in f64.
+/// as [`cpu`] does; epilogue in f64.
 pub fn reference(
     x: MatRef<'_>,
     w: &QuantMatrix,
@@ -391,9 +395,6 @@ pub fn reference(
     let xs: Vec<Vec<f64>> = (0..m)
         .map(|i| {
             let row = x_row(&x, i).into_owned();
-            if f32_prefill(m, w.format) {
-                return row.into_iter().map(f64::from).collect();
-            }
             let qr = quantize_row(&row);
             (0..k)
                 .map(|j| f64::from(qr.q[j]) * f64::from(qr.s[j / GROUP]))
@@ -435,8 +436,8 @@ pub fn cpu(x: MatRef<'_>, w: &QuantMatrix, c: MatMut<'_>, epi: &Epilogue<'_>) ->
     run(x, w, c, epi, vnni)
 }
 
-/// [`cpu`] on the paths of CPUs without AVX-512 VNNI: the portable integer loop, and for a q8
-/// prefill the non-AVX-512 FMA microkernel (public so that tests on any machine cover them).
+/// [`cpu`] on the path of CPUs without AVX-512 VNNI: the portable integer loop (public so that
+/// tests on any machine cover it).
 pub fn cpu_portable(
     x: MatRef<'_>,
     w: &QuantMatrix,
@@ -458,29 +459,14 @@ fn run(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if f32_prefill(m, w.format) {
-        // prefill: f32 activations times the weight dequantized a chunk at a time
-        let simd = simd_level();
-        gemm::nt_chunked(x, n, c, epi, vnni, |j0, nb| {
-            DEQUANT.with_borrow_mut(|buf| {
-                buf.resize(nb * k, 0.0);
-                simd_call!(
-                    simd,
-                    dequantize_rows,
-                    dequantize_rows_avx2,
-                    dequantize_rows_avx512(w, j0, nb, &mut buf[..])
-                );
-                RhsPanels::pack_rows(MatRef::row_major(&buf[..], nb, k).expect("nb * k elements"))
-            })
-        });
-        return Ok(());
-    }
     let rows: Vec<QuantRow> = (0..m)
         .into_par_iter()
         .map(|i| quantize_row(&x_row(&x, i)))
         .collect();
     #[cfg(target_arch = "x86_64")]
-    let prepared: Option<avx512::Prepared> = vnni.then(|| avx512::Prepared::new(&rows, w.format));
+    // SAFETY: vnni_available() detected AVX-512F, BW, VL and VNNI.
+    let prepared: Option<avx512::Prepared> =
+        vnni.then(|| unsafe { avx512::Prepared::new(&rows, w.format) });
     let row_bytes = w.bytes() / n;
     let per_thread = n.div_ceil(4 * rayon::current_num_threads()).max(1);
     let band_rows = (TASK_BYTES / row_bytes.max(1))
@@ -517,19 +503,6 @@ fn run(
     Ok(())
 }
 
-/// Whether `m` rows of activations against a `format` weight take the f32 prefill path: q8
-/// from [`gemm::PACK_ROWS`] rows on. q4 stays on integers, whose kernel unpacks half the
-/// weight bytes per multiply-add and measured faster than dequantizing (TinyLlama's shapes,
-/// a 128-token prompt: 105 against 97 tokens/s; q8 75 against 97).
-fn f32_prefill(m: usize, format: QuantFormat) -> bool {
-    format == QuantFormat::Q8 && m >= gemm::PACK_ROWS
-}
-
-thread_local! {
-    /// A task's dequantized rows of `W` before they are packed.
-    static DEQUANT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Rows `j0..j0 + nb` of `w` as f32 (exactly [`QuantMatrix::value`]), row-major into `out`.
 #[inline(always)]
 fn dequantize_rows(w: &QuantMatrix, j0: usize, nb: usize, out: &mut [f32]) {
@@ -560,10 +533,6 @@ fn dequantize_rows(w: &QuantMatrix, j0: usize, nb: usize, out: &mut [f32]) {
         }
     }
 }
-
-simd_variants!(dequantize_rows => dequantize_rows_avx2, dequantize_rows_avx512(
-    w: &QuantMatrix, j0: usize, nb: usize, out: &mut [f32]
-));
 
 /// Whether the CPU has AVX-512 VNNI and BW (checked once).
 #[cfg(target_arch = "x86_64")]
@@ -650,7 +619,10 @@ mod avx512 {
     }
 
     impl Prepared {
-        pub(super) fn new(rows: &[QuantRow], format: QuantFormat) -> Prepared {
+        /// # Safety
+        /// The CPU has AVX-512F, BW, VL and VNNI.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+        pub(super) unsafe fn new(rows: &[QuantRow], format: QuantFormat) -> Prepared {
             let m = rows.len();
             let groups = rows.first().map_or(0, |r| r.s.len());
             let gpb = per_block(format);
@@ -678,24 +650,31 @@ mod avx512 {
                         if g >= groups {
                             continue;
                         }
-                        for (j, &v) in r.q[g * GROUP..(g + 1) * GROUP].iter().enumerate() {
-                            // where value j of the block's group `local` meets its weight
-                            let at = match format {
-                                QuantFormat::Q8 => local * GROUP + j,
-                                QuantFormat::Q4 => (j / 16) * 64 + local * 16 + j % 16,
-                            };
-                            x[at] = v as u8;
+                        let src = &r.q[g * GROUP..(g + 1) * GROUP];
+                        // where value j of the block's group `local` meets its weight: q8 in
+                        // order; q4 the first 16 with the low nibbles, the rest the high ones
+                        let halves = match format {
+                            QuantFormat::Q8 => [local * GROUP, local * GROUP + 16],
+                            QuantFormat::Q4 => [local * 16, 64 + local * 16],
+                        };
+                        for (h, at) in halves.into_iter().enumerate() {
+                            for (o, &v) in x[at..at + 16].iter_mut().zip(&src[h * 16..]) {
+                                *o = v as u8;
+                            }
                         }
                     }
-                    let lane_sum = |lane: usize| -> i32 {
-                        (0..xb / 64)
-                            .flat_map(|h| x[h * 64 + lane * 4..][..4].iter())
-                            .map(|&v| i32::from(v as i8))
-                            .sum()
-                    };
+                    // each lane's sum of its (signed) bytes: a multiply-add with unsigned ones
+                    // SAFETY: x holds xb (64 or 128) bytes and rest 128.
+                    unsafe {
+                        let mut sum = _mm512_setzero_si512();
+                        for h in 0..xb / 64 {
+                            let v = _mm512_loadu_si512(x.as_ptr().add(h * 64).cast());
+                            sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1), v);
+                        }
+                        let start = _mm512_mullo_epi32(sum, _mm512_set1_epi32(-off));
+                        _mm512_storeu_si512(rest.as_mut_ptr().cast(), start);
+                    }
                     for lane in 0..16 {
-                        let start = -off * lane_sum(lane);
-                        rest[lane * 4..lane * 4 + 4].copy_from_slice(&start.to_le_bytes());
                         let g = b * gpb + lane / lanes_per_group;
                         let sx = if g < groups { r.s[g] } else { 0.0 };
                         rest[64 + lane * 4..64 + lane * 4 + 4].copy_from_slice(&sx.to_le_bytes());
@@ -718,6 +697,50 @@ mod avx512 {
                 .cast::<u8>()
                 .wrapping_add((b * self.m + r) * self.stride)
         }
+    }
+
+    /// [`super::quantize_into`] (blocks of 32, `s = max|x| / 127`, `q = round(x / s)` half
+    /// away from zero) with explicit vectors, bit for bit: the autovectorized loop took a
+    /// quarter of a small decode matmul.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `q` has `x.len()` rounded up to whole blocks and `s` a scale per
+    /// block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize_into(x: &[f32], q: &mut [i8], s: &mut [f32]) {
+        let whole = x.len() / GROUP;
+        // SAFETY: block b reads x[32 b..32 b + 32] and writes q[32 b..32 b + 32], b < whole.
+        unsafe {
+            let half = _mm512_set1_ps(0.5);
+            let one = _mm512_set1_ps(1.0);
+            let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+            for (b, sb) in s.iter_mut().enumerate().take(whole) {
+                let p = x.as_ptr().add(b * GROUP);
+                let v = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
+                let amax =
+                    _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+                let sc = amax / 127.0;
+                let inv = _mm512_set1_ps(if sc > 0.0 { 1.0 / sc } else { 0.0 });
+                for (h, &vh) in v.iter().enumerate() {
+                    let y = _mm512_mul_ps(vh, inv);
+                    let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                    let away =
+                        _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
+                    // t + copysign(1, y) where the fraction is at least a half
+                    let sign = _mm512_castsi512_ps(_mm512_and_si512(
+                        _mm512_castps_si512(y),
+                        _mm512_set1_epi32(i32::MIN),
+                    ));
+                    let r = _mm512_mask_add_ps(t, away, t, _mm512_or_ps(one, sign));
+                    let r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+                    let bytes = _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(r));
+                    _mm_storeu_si128(q.as_mut_ptr().add(b * GROUP + h * 16).cast(), bytes);
+                }
+                *sb = sc;
+            }
+        }
+        let done = whole * GROUP;
+        super::quantize_into(&x[done..], &mut q[done..], &mut s[whole..]);
     }
 
     /// A zero vector without target features (for the buffer's initial value).
@@ -761,11 +784,11 @@ mod avx512 {
         };
         let mut jn = j0;
         while jn < j1 {
-            // four weight rows at a time when rows enough share them (prefill), and for q4
-            // always: four independent accumulator chains for one row of activations (a decode
-            // step) took q4 decode from 39-44 to 41-46 tokens/s on a 2-core Zen 5 (TinyLlama
-            // shapes), where q8 fell from 26-33 to 21 and keeps one weight row at a time
-            let quad = (rows.m >= R || w.format == QuantFormat::Q4) && jn + 3 < j1;
+            // four weight rows at a time when rows enough share them (prefill); a decode step
+            // reads one weight row at a time, one sequential stream per core: four rows at once
+            // (four accumulator chains) ran q4 decode at 22-24 tokens/s against 31-38 for one
+            // row (2-core Zen 5, TinyLlama shapes, the weights in DRAM; from L3 the two tie)
+            let quad = rows.m >= R && jn + 3 < j1;
             let mut i = 0;
             while i < rows.m {
                 let four = quad && rows.m - i >= 4;
@@ -822,7 +845,7 @@ mod avx512 {
 
     /// Weight rows `jn..jn + W` against the `N` prepared rows from `i0`: each weight vector
     /// is loaded and made unsigned once for all `N` rows, and each activation entry loaded once
-    /// for all `W` weight rows (prefill runs W = 4, N = 4; decode W = 4, N = 1).
+    /// for all `W` weight rows (prefill runs W = 4, N = 4; decode W = 1, N = 1).
     ///
     /// # Safety
     /// As [`band`]; weight rows `jn..jn + W` and prepared rows `i0..i0 + N` exist.
@@ -974,7 +997,41 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
-    use super::round;
+    use super::{GROUP, quantize_into, round};
+
+    /// The explicit AVX-512 activation quantizer is the portable loop bit for bit (both the
+    /// kernels and `reference` take whichever one the CPU runs, so only this test tells them
+    /// apart): halves, values at the clamp, zero and tiny blocks, a short last block.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_activation_quantizer_is_the_portable_one() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut x: Vec<f32> = (0..GROUP * 40 + 7)
+            .map(|i| ((i as f32) * 0.618).sin() * 10f32.powi((i % 7) as i32 - 3))
+            .collect();
+        // a block of halves of the scale (127 / 127 = 1 exactly), a zero block, a denormal one
+        for (j, v) in x[..GROUP].iter_mut().enumerate() {
+            *v = (j as f32 - 16.0) + 0.5;
+        }
+        x[GROUP - 1] = 127.0;
+        x[GROUP..2 * GROUP].fill(0.0);
+        x[2 * GROUP..3 * GROUP].fill(f32::MIN_POSITIVE / 8.0);
+        x[3 * GROUP] = -1.0;
+        let blocks = x.len().div_ceil(GROUP);
+        let (mut q0, mut s0) = (vec![0i8; blocks * GROUP], vec![0f32; blocks]);
+        let (mut q1, mut s1) = (vec![0i8; blocks * GROUP], vec![0f32; blocks]);
+        quantize_into(&x, &mut q0, &mut s0);
+        // SAFETY: AVX-512F detected above; the buffers have whole blocks.
+        unsafe { super::avx512::quantize_into(&x, &mut q1, &mut s1) };
+        assert_eq!(q0, q1);
+        assert_eq!(
+            s0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(q0[..GROUP].contains(&127) && q0[..GROUP].contains(&-16));
+    }
 
     /// The vectorizable `round` is `roundf` bit for bit: halves away from zero, the largest
     /// float below 0.5, integers, huge values, signed zeros, infinities and NaN.

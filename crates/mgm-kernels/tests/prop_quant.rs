@@ -40,37 +40,80 @@ fn run(x: &[f32], m: usize, k: usize, w: &QuantMatrix, epi: &Epilogue<'_>, path:
     y
 }
 
+/// Every path against the f64 reference for one case; the worst error over the outputs,
+/// each scaled by the size of its summed terms.
+fn paths_match_reference(
+    m: usize,
+    k: usize,
+    n: usize,
+    format: QuantFormat,
+    bias: bool,
+    seed: u64,
+) -> Result<f64, TestCaseError> {
+    let w = data(n * k, 0.05, seed);
+    let x = data(m * k, 2.0, seed ^ 1);
+    let b = data(n, 0.5, seed ^ 2);
+    let q = QuantMatrix::quantize(MatRef::row_major(&w, n, k).unwrap(), format).unwrap();
+    let epi = Epilogue {
+        bias: bias.then_some(&b[..]),
+        ..Epilogue::default()
+    };
+    let want = run(&x, m, k, &q, &epi, Path::Reference);
+    let mut worst = 0f64;
+    for path in [Path::Best, Path::Portable] {
+        let got = run(&x, m, k, &q, &epi, path);
+        for i in 0..m {
+            for j in 0..n {
+                let scale: f64 = 1.0
+                    + (0..k)
+                        .map(|t| f64::from(x[i * k + t]).abs() * f64::from(q.value(j, t)).abs())
+                        .sum::<f64>();
+                let e = (f64::from(got[i * n + j]) - f64::from(want[i * n + j])).abs() / scale;
+                prop_assert!(
+                    e <= 1e-5,
+                    "{format:?} m={m} k={k} n={n} ({i},{j}): {} vs {} ({e:e})",
+                    got[i * n + j],
+                    want[i * n + j]
+                );
+                worst = worst.max(e);
+            }
+        }
+    }
+    Ok(worst)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(common::cases(48)))]
 
     #[test]
     fn quant_paths_match_reference(
-        m in prop_oneof![1..=3usize, 7..=9usize, 10..=20usize, 40..=70usize], k32 in 1..=12usize, extra in 0..32usize,
+        m in prop_oneof![1..=3usize, 7..=9usize, 10..=20usize, 40..=70usize],
+        k32 in prop_oneof![1..=12usize, 16..=21usize], extra in 0..32usize,
         n in 1..=70usize, q4 in any::<bool>(), bias in any::<bool>(), seed in any::<u64>(),
     ) {
         let format = if q4 { QuantFormat::Q4 } else { QuantFormat::Q8 };
         // whole groups and a ragged last one
         let k = k32 * 32 + extra - 1 + usize::from(extra == 0);
-        let w = data(n * k, 0.05, seed);
-        let x = data(m * k, 2.0, seed ^ 1);
-        let b = data(n, 0.5, seed ^ 2);
-        let q = QuantMatrix::quantize(MatRef::row_major(&w, n, k).unwrap(), format).unwrap();
-        let epi = Epilogue { bias: bias.then_some(&b[..]), ..Epilogue::default() };
-        let want = run(&x, m, k, &q, &epi, Path::Reference);
-        let mut worst = 0f64;
-        for path in [Path::Best, Path::Portable] {
-        let got = run(&x, m, k, &q, &epi, path);
-        for i in 0..m {
-            for j in 0..n {
-                // bound scaled by the size of the summed terms
-                let scale: f64 = 1.0 + (0..k).map(|t| f64::from(x[i * k + t]).abs() * f64::from(q.value(j, t)).abs()).sum::<f64>();
-                let e = (f64::from(got[i * n + j]) - f64::from(want[i * n + j])).abs() / scale;
-                prop_assert!(e <= 1e-5, "{format:?} m={m} k={k} n={n} ({i},{j}): {} vs {} ({e:e})", got[i * n + j], want[i * n + j]);
-                worst = worst.max(e);
-            }
-        }
-        }
+        let worst = paths_match_reference(m, k, n, format, bias, seed)?;
         common::record(KERNEL, format.name(), worst);
+    }
+}
+
+/// The decode step's shapes on every path: one row of activations, `k` LLaMA-sized or with a
+/// ragged end (a short last block of groups, a short last group), and enough weight rows that
+/// each task's band holds many (tasks get `n / (4 threads)` rows).
+#[test]
+fn decode_shapes_match_reference() {
+    for format in [QuantFormat::Q4, QuantFormat::Q8] {
+        for (k, n) in [
+            (2048, 67),
+            (32 * 17 + 5, 301),
+            (32 * 19, 301),
+            (32 * 16, 4),
+            (64, 1),
+        ] {
+            paths_match_reference(1, k, n, format, true, (k * 31 + n) as u64).unwrap();
+        }
     }
 }
 
