@@ -211,6 +211,33 @@ proptest! {
     }
 }
 
+/// A decode step's product (one row of `x`, the weight read in place) for `k` below, at and
+/// around the GEMV's 64-element passes and its 16-wide tail, `n` across several bands.
+#[test]
+fn gemv_single_row_matches_reference() {
+    for k in [1, 15, 16, 63, 64, 65, 100, 2048 + 7] {
+        for n in [1, 5, 67, 130] {
+            let case = Case {
+                m: 1,
+                k,
+                n,
+                a_t: false,
+                b_t: true,
+                pad: 1,
+                ldc_pad: 0,
+                accumulate: false,
+                bias: true,
+                activation: Activation::Identity,
+                residual: false,
+                seed: (k * 131 + n) as u64,
+            };
+            for path in ["gemv", "gemm_nt"] {
+                run_case(&case, path).unwrap_or_else(|e| panic!("{path} k={k} n={n}: {e}"));
+            }
+        }
+    }
+}
+
 /// The large shapes take the parallel path with several blocks in both directions.
 #[test]
 fn gemm_large_parallel_matches_reference() {
