@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use mgm_benches::{PythonPeer, Row, argmax, benchmarking, peak_rss_mb, report, workspace_root};
 use mgm_llm::{CausalLm, Positions, QuantFormat};
 use mgm_tensor::Tensor;
+use mgm_tensor::safetensors::Residency;
 use rayon::prelude::*;
 
 const PROMPT: usize = 128;
@@ -80,7 +81,8 @@ fn bytes_per_token(m: &CausalLm) -> usize {
 
 /// The child process: serves measurements of the model in `dir` (the peers' protocol).
 fn serve(dir: &Path) {
-    let model = CausalLm::from_dir(dir).expect("load the bench model");
+    // read into huge pages (Residency::Resident), like llama.cpp's --no-mmap
+    let model = CausalLm::from_dir_with(dir, Residency::Resident).expect("load the bench model");
     measure(&model); // warm-up: faults the mapped weights in
     let out = std::io::stdout();
     let ready = serde_json::json!({

@@ -446,3 +446,47 @@ proptest! {
         }
     }
 }
+
+/// `Residency::Resident` reads the same tensors as the map, holds its own copy (rewriting the
+/// file in place afterwards changes nothing it returns), and validates the header the same way.
+#[test]
+fn resident_file_is_a_copy_with_the_same_tensors() {
+    use mgm_tensor::safetensors::Residency;
+    let (_d, path) = tmp();
+    let tensors: Vec<(String, Tensor)> = ALL
+        .iter()
+        .enumerate()
+        .map(|(i, &dt)| {
+            let t = Tensor::from_vec(exact_values(i as u64, 24, dt), &[4, 6])
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            (format!("t{i}"), t)
+        })
+        .collect();
+    save(&path, tensors.iter().map(|(n, t)| (n.as_str(), t))).unwrap();
+    let mapped = SafeTensorsFile::open(&path).unwrap();
+    let resident = SafeTensorsFile::open_with(&path, Residency::Resident).unwrap();
+    for (name, _) in &tensors {
+        let (a, b) = (mapped.get(name).unwrap(), resident.get(name).unwrap());
+        assert_eq!(a.dtype(), b.dtype());
+        assert_eq!(
+            a.to_dtype(DType::F64).unwrap().to_vec::<f64>().unwrap(),
+            b.to_dtype(DType::F64).unwrap().to_vec::<f64>().unwrap(),
+            "{name}"
+        );
+    }
+    let before = resident.get("t0").unwrap().to_vec::<f32>().unwrap();
+    drop(mapped);
+    let zeros = Tensor::from_vec(vec![0f32; 24], &[4, 6]).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_d2, other) = tmp();
+    save(&other, [("t0", &zeros)]).unwrap();
+    std::fs::write(&path, std::fs::read(&other).unwrap()).unwrap(); // same inode, new bytes
+    assert_eq!(resident.get("t0").unwrap().to_vec::<f32>().unwrap(), before);
+    // a truncated file is the same error either way
+    std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+    let e = SafeTensorsFile::open_with(&path, Residency::Resident).unwrap_err();
+    let m = SafeTensorsFile::open(&path).unwrap_err();
+    assert_eq!(e.to_string(), m.to_string());
+}

@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::safetensors::SafeTensorsFile;
+use crate::safetensors::{Residency, SafeTensorsFile};
 use crate::{DType, Device, Error, Result, Tensor, Var};
 
 /// How a trainable parameter that the checkpoint lacks is initialised.
@@ -266,9 +266,17 @@ impl VarStore {
     /// A store reading from safetensors files (several for a sharded checkpoint; a name present
     /// in two shards is an error). Tensors are memory-mapped, not copied.
     pub fn from_safetensors<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
+        Self::from_safetensors_with(paths, Residency::Mapped)
+    }
+
+    /// [`VarStore::from_safetensors`] with the files' bytes held as `residency` says.
+    pub fn from_safetensors_with<P: AsRef<Path>>(
+        paths: &[P],
+        residency: Residency,
+    ) -> Result<Self> {
         let files = paths
             .iter()
-            .map(|p| SafeTensorsFile::open(p).map(Source::File))
+            .map(|p| SafeTensorsFile::open_with(p, residency).map(Source::File))
             .collect::<Result<Vec<_>>>()?;
         Self::from_sources(files)
     }
@@ -276,6 +284,14 @@ impl VarStore {
     /// A store reading the shards listed in a `model.safetensors.index.json` (its `weight_map`),
     /// resolved relative to the index file's directory.
     pub fn from_safetensors_index(index: impl AsRef<Path>) -> Result<Self> {
+        Self::from_safetensors_index_with(index, Residency::Mapped)
+    }
+
+    /// [`VarStore::from_safetensors_index`] with the shards' bytes held as `residency` says.
+    pub fn from_safetensors_index_with(
+        index: impl AsRef<Path>,
+        residency: Residency,
+    ) -> Result<Self> {
         let index = index.as_ref();
         let desc = index.display().to_string();
         let bad = |msg: String| Error::SafeTensors {
@@ -302,7 +318,7 @@ impl VarStore {
             files.insert(file.to_string());
         }
         let paths: Vec<_> = files.iter().map(|f| dir.join(f)).collect();
-        let vs = Self::from_safetensors(&paths)?;
+        let vs = Self::from_safetensors_with(&paths, residency)?;
         for (name, file) in map {
             if !vs.inner.sources.index.contains_key(name) {
                 return Err(Error::TensorNotFound {
