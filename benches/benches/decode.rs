@@ -9,7 +9,9 @@
 //! Setup (once, see benches/peers/decode_peers.py): `decode_model.py` writes
 //! target/decode-model, llama-cpp-python goes in target/decode-venv, torch is the reference
 //! venv's. mgm's quantized models are `mgm quantize`d copies (target/decode-model/mgm-q8,
-//! mgm-q4; written by this bench when absent) and load memory-mapped like the f32 one.
+//! mgm-q4; written by this bench when absent). mgm loads every model with
+//! `Residency::Resident` (read once into huge pages, like llama.cpp's `--no-mmap`; llama.cpp
+//! keeps its default mmap, and repacks Q4_0 into its own buffer).
 //!
 //! The bandwidth floor printed with each dtype is the bytes a decoded token reads (every
 //! weight except the embedding table, of which one row) over the machine's read bandwidth
@@ -109,11 +111,29 @@ fn serve(dir: &Path) {
 /// Read bandwidth: all threads summing 256 MB per thread in 512 KB tasks, bytes read per
 /// second (best of 5). A decode step only reads its weights, and on some machines
 /// reading runs far faster than copying (a 2-core Zen 5 VM: 60-70 GB/s read against 39 GB/s
-/// copy, read + write), so copy bandwidth would put the floor too low.
+/// copy, read + write), so copy bandwidth would put the floor too low. The buffers are
+/// advised as huge pages, as mgm's resident weights are (on 4 KB pages the same loop read
+/// 15-20% slower there).
 fn read_bandwidth() -> f64 {
     let threads = rayon::current_num_threads();
     let per = 256 << 20;
-    let src: Vec<Vec<u64>> = (0..threads).map(|i| vec![i as u64 + 1; per / 8]).collect();
+    let maps: Vec<memmap2::MmapMut> = (0..threads)
+        .map(|i| {
+            let mut m = memmap2::MmapOptions::new()
+                .len(per)
+                .map_anon()
+                .expect("anonymous buffer");
+            #[cfg(target_os = "linux")]
+            let _ = m.advise(memmap2::Advice::HugePage);
+            m.fill(i as u8 + 1);
+            m
+        })
+        .collect();
+    // SAFETY: each map is `per` bytes, page-aligned (so u64-aligned), initialized above.
+    let src: Vec<&[u64]> = maps
+        .iter()
+        .map(|m| unsafe { std::slice::from_raw_parts(m.as_ptr().cast::<u64>(), per / 8) })
+        .collect();
     let mut best = 0f64;
     for _ in 0..5 {
         let t = Instant::now();
