@@ -596,18 +596,15 @@ mod avx512 {
     /// How far ahead of the weight loads to prefetch, in bytes.
     const PREFETCH: usize = 4096;
 
-    /// Groups per block.
-    fn per_block(format: QuantFormat) -> usize {
-        match format {
-            QuantFormat::Q8 => 2,
-            QuantFormat::Q4 => 4,
-        }
-    }
+    /// Groups per block: four (128 weights) for both formats, so a block is two 64-byte
+    /// activation vectors, each lane of the integer dot within one group.
+    const PER_BLOCK: usize = 4;
 
     /// The activation rows in the kernel's layout, one buffer: entry `(block b, row r)` at
-    /// `(b * m + r) * stride` bytes holds the row's int8 activations for that block in
-    /// weight-lane order (64 bytes for q8; 128 for q4, the low-nibble partners then the
-    /// high-nibble ones), then 16 i32 accumulator start values `-off * (sum of the lane's
+    /// `(b * m + r) * stride` (256) bytes holds the row's 128 int8 activations for that block
+    /// in weight-lane order (values 0..16 of each of the four groups, then values 16..32: the
+    /// low- then high-nibble partners of q4, the two 64-byte halves of q8 after
+    /// [`q8_lanes`]), then 16 i32 accumulator start values `-off * (sum of the lane's
     /// bytes)`, then 16 f32 per-lane activation scales. The rows of one block are adjacent,
     /// so a kernel reaches all of its rows from one pointer at constant offsets.
     pub(super) struct Prepared {
@@ -625,7 +622,7 @@ mod avx512 {
         pub(super) unsafe fn new(rows: &[QuantRow], format: QuantFormat) -> Prepared {
             let m = rows.len();
             let groups = rows.first().map_or(0, |r| r.s.len());
-            let gpb = per_block(format);
+            let gpb = PER_BLOCK;
             let blocks = groups.div_ceil(gpb);
             let xb = gpb * GROUP; // activation bytes per entry
             let stride = xb + 128;
@@ -651,12 +648,9 @@ mod avx512 {
                             continue;
                         }
                         let src = &r.q[g * GROUP..(g + 1) * GROUP];
-                        // where value j of the block's group `local` meets its weight: q8 in
-                        // order; q4 the first 16 with the low nibbles, the rest the high ones
-                        let halves = match format {
-                            QuantFormat::Q8 => [local * GROUP, local * GROUP + 16],
-                            QuantFormat::Q4 => [local * 16, 64 + local * 16],
-                        };
+                        // where value j of the block's group `local` meets its weight: the
+                        // first 16 in the first vector, the rest in the second
+                        let halves = [local * 16, 64 + local * 16];
                         for (h, at) in halves.into_iter().enumerate() {
                             for (o, &v) in x[at..at + 16].iter_mut().zip(&src[h * 16..]) {
                                 *o = v as u8;
@@ -866,6 +860,46 @@ mod avx512 {
         }
     }
 
+    /// A q8 block's two 64-byte halves (groups 0-1 and 2-3, in storage order) rearranged
+    /// so that lane `4g + i` of each holds group `g`: values 0..16 of every group in the
+    /// first vector, 16..32 in the second (the lanes of a q4 block's nibbles).
+    #[inline(always)]
+    unsafe fn q8_lanes(v0: __m512i, v1: __m512i) -> (__m512i, __m512i) {
+        // SAFETY: register-only AVX-512F shuffles (the caller runs with AVX-512F).
+        unsafe {
+            (
+                _mm512_shuffle_i64x2::<0x88>(v0, v1),
+                _mm512_shuffle_i64x2::<0xDD>(v0, v1),
+            )
+        }
+    }
+
+    /// The f16 scales of groups `g..g + here` (`here <= 4`) of the weight row whose groups
+    /// start at `srow`, as f32 spread four lanes a group.
+    ///
+    /// # Safety
+    /// AVX-512F and F16C; scales `srow + g..srow + g + here` exist.
+    #[inline(always)]
+    unsafe fn block_scales(scales: *const u16, srow: usize, g: usize, here: usize) -> __m512 {
+        // SAFETY: as this function's contract; only `here` scales are read.
+        unsafe {
+            let idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+            let four = if here == 4 {
+                _mm_loadl_epi64(scales.add(srow + g).cast())
+            } else {
+                let mut h = [0u16; 4];
+                for (t, v) in h.iter_mut().enumerate().take(here) {
+                    *v = *scales.add(srow + g + t);
+                }
+                _mm_loadl_epi64(h.as_ptr().cast())
+            };
+            _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(_mm256_broadcastq_epi64(four)))
+        }
+    }
+
+    /// Weight rows' blocks of 128 int8 (four groups): two unsigned (`+128`) vectors in
+    /// [`q8_lanes`] order and two dots per entry, as the q4 kernel does; one group pair per
+    /// 64-byte dot took 60% more instructions per weight and ran q8 prefill 30-40% below q4.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // q indexes the accumulators of every weight row
     unsafe fn row_dots_q8<const W: usize, const N: usize>(
@@ -877,48 +911,52 @@ mod avx512 {
         let (k, groups) = (w.k, w.groups);
         let blocks = rows.blocks;
         let (data, scales) = (w.data, w.scales);
-        // SAFETY: loads stay inside the weight rows (k bytes each, the last block masked),
-        // inside their scales and inside the prepared rows (entries of rows i0..i0 + N,
-        // 64-byte aligned).
+        // SAFETY: loads stay inside the weight rows (k bytes each, a short last block
+        // masked), inside their scales (a short last block reads only its groups') and inside
+        // the prepared rows (entries of rows i0..i0 + N, 64-byte aligned).
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); N]; W];
             let flip = _mm512_set1_epi8(-128);
-            let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            let load = |at: *const u8, left: usize| {
+                if left >= 64 {
+                    _mm512_loadu_si512(at.cast())
+                } else {
+                    _mm512_maskz_loadu_epi8((1u64 << left) - 1, at.cast())
+                }
+            };
             for b in 0..blocks {
-                let g = 2 * b;
+                let g = PER_BLOCK * b;
+                let here = (groups - g).min(PER_BLOCK);
                 let left = k - g * GROUP;
-                let mut wv = [_mm512_setzero_si512(); W];
+                let mut lo = [_mm512_setzero_si512(); W];
+                let mut hi = [_mm512_setzero_si512(); W];
                 let mut sw = [_mm512_setzero_ps(); W];
                 for r in 0..W {
                     let at = data.add((jn + r) * k + g * GROUP);
                     // one stream per core does not keep the memory busy on its own
                     _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH).cast());
-                    let v = if left >= 64 {
-                        _mm512_loadu_si512(at.cast())
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH + 64).cast());
+                    let v0 = load(at, left);
+                    let v1 = if left > 64 {
+                        load(at.add(64), left - 64)
                     } else {
-                        _mm512_maskz_loadu_epi8((1u64 << left) - 1, at.cast())
+                        _mm512_setzero_si512()
                     };
-                    wv[r] = _mm512_xor_si512(v, flip);
-                    let srow = (jn + r) * groups;
-                    let s0 = u32::from(*scales.add(srow + g));
-                    let s1 = if g + 1 < groups {
-                        u32::from(*scales.add(srow + g + 1))
-                    } else {
-                        0
-                    };
-                    sw[r] = _mm512_permutexvar_ps(
-                        idx,
-                        _mm512_cvtph_ps(_mm256_set1_epi32((s0 | (s1 << 16)) as i32)),
-                    );
+                    let (a, c) = q8_lanes(v0, v1);
+                    lo[r] = _mm512_xor_si512(a, flip);
+                    hi[r] = _mm512_xor_si512(c, flip);
+                    sw[r] = block_scales(scales, (jn + r) * groups, g, here);
                 }
                 let base = rows.at(b, i0);
                 for q in 0..N {
-                    let e = base.add(q * 192);
-                    let xv = _mm512_load_si512(e.cast());
-                    let st = _mm512_load_si512(e.add(64).cast());
-                    let sx = _mm512_load_ps(e.add(128).cast());
+                    let e = base.add(q * 256);
+                    let xl = _mm512_load_si512(e.cast());
+                    let xh = _mm512_load_si512(e.add(64).cast());
+                    let st = _mm512_load_si512(e.add(128).cast());
+                    let sx = _mm512_load_ps(e.add(192).cast());
                     for r in 0..W {
-                        let dot = _mm512_dpbusd_epi32(st, wv[r], xv);
+                        let dot = _mm512_dpbusd_epi32(st, lo[r], xl);
+                        let dot = _mm512_dpbusd_epi32(dot, hi[r], xh);
                         let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx);
                         acc[r][q] = _mm512_fmadd_ps(t, sw[r], acc[r][q]);
                     }
@@ -945,10 +983,9 @@ mod avx512 {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); N]; W];
             let low = _mm512_set1_epi8(0x0F);
-            let idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
             for b in 0..blocks {
-                let g = 4 * b;
-                let here = (groups - g).min(4);
+                let g = PER_BLOCK * b;
+                let here = (groups - g).min(PER_BLOCK);
                 let mut lo = [_mm512_setzero_si512(); W];
                 let mut hi = [_mm512_setzero_si512(); W];
                 let mut sw = [_mm512_setzero_ps(); W];
@@ -964,17 +1001,7 @@ mod avx512 {
                     };
                     lo[r] = _mm512_and_si512(wv, low);
                     hi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), low);
-                    let four = if here == 4 {
-                        _mm_loadl_epi64(scales.add(srow + g).cast())
-                    } else {
-                        let mut h = [0u16; 4];
-                        for (t, v) in h.iter_mut().enumerate().take(here) {
-                            *v = *scales.add(srow + g + t);
-                        }
-                        _mm_loadl_epi64(h.as_ptr().cast())
-                    };
-                    sw[r] =
-                        _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(_mm256_broadcastq_epi64(four)));
+                    sw[r] = block_scales(scales, srow, g, here);
                 }
                 let base = rows.at(b, i0);
                 for q in 0..N {

@@ -958,9 +958,9 @@ struct Block {
     q1: usize,
 }
 
-/// From this many rows of `X` on, [`gemm_nt`] (on AVX-512) and [`crate::quant::cpu`] pack
-/// the weight a chunk at a time and run the FMA microkernel: at 48 rows and more that measured
-/// faster than reading the weight in place (TinyLlama's shapes), at 32 slower.
+/// From this many rows of `X` on, [`gemm_nt`] (on AVX-512) packs the weight a chunk at a
+/// time and runs the FMA microkernel: at 48 rows and more that measured faster than reading
+/// the weight in place (TinyLlama's shapes), at 32 slower (measured with the gather pack).
 pub const PACK_ROWS: usize = 40;
 
 /// Weight rows (output columns) one task of [`nt_chunked`] packs and multiplies: 64 x 2048
