@@ -622,11 +622,10 @@ mod avx512 {
         pub(super) unsafe fn new(rows: &[QuantRow], format: QuantFormat) -> Prepared {
             let m = rows.len();
             let groups = rows.first().map_or(0, |r| r.s.len());
-            let gpb = PER_BLOCK;
-            let blocks = groups.div_ceil(gpb);
-            let xb = gpb * GROUP; // activation bytes per entry
+            let blocks = groups.div_ceil(PER_BLOCK);
+            let xb = PER_BLOCK * GROUP; // activation bytes per entry
             let stride = xb + 128;
-            let lanes_per_group = 16 / gpb;
+            let lanes_per_group = 16 / PER_BLOCK;
             let off = match format {
                 QuantFormat::Q8 => 128,
                 QuantFormat::Q4 => 8,
@@ -642,8 +641,8 @@ mod avx512 {
                 for b in 0..blocks {
                     let e = &mut bytes[(b * m + ri) * stride..(b * m + ri + 1) * stride];
                     let (x, rest) = e.split_at_mut(xb);
-                    for local in 0..gpb {
-                        let g = b * gpb + local;
+                    for local in 0..PER_BLOCK {
+                        let g = b * PER_BLOCK + local;
                         if g >= groups {
                             continue;
                         }
@@ -658,7 +657,7 @@ mod avx512 {
                         }
                     }
                     // each lane's sum of its (signed) bytes: a multiply-add with unsigned ones
-                    // SAFETY: x holds xb (64 or 128) bytes and rest 128.
+                    // SAFETY: x holds xb (128) bytes and rest 128.
                     unsafe {
                         let mut sum = _mm512_setzero_si512();
                         for h in 0..xb / 64 {
@@ -669,7 +668,7 @@ mod avx512 {
                         _mm512_storeu_si512(rest.as_mut_ptr().cast(), start);
                     }
                     for lane in 0..16 {
-                        let g = b * gpb + lane / lanes_per_group;
+                        let g = b * PER_BLOCK + lane / lanes_per_group;
                         let sx = if g < groups { r.s[g] } else { 0.0 };
                         rest[64 + lane * 4..64 + lane * 4 + 4].copy_from_slice(&sx.to_le_bytes());
                     }
