@@ -8,6 +8,9 @@
 /// Runs `f` on a worker of the current rayon pool (in place when already on one) and returns
 /// its result.
 ///
+/// The job sees the worker's thread-locals, not the caller's: code that keeps per-thread state
+/// (autograd's recording switch) goes through `mgm_tensor::on_pool`, which carries it over.
+///
 /// ```
 /// let sum: u64 = mgm_kernels::parallel::on_pool(|| {
 ///     assert!(rayon::current_thread_index().is_some());

@@ -517,7 +517,7 @@ impl CausalLm {
     /// makes them, no further scaling), like transformers' `inputs_embeds`.
     pub fn forward_embeds(&self, embeds: &Tensor, pos: Option<&Positions>) -> Result<Tensor> {
         // one handoff to the pool per call instead of one per kernel (mgm_kernels::parallel)
-        mgm_kernels::parallel::on_pool(|| self.forward_embeds_on_pool(embeds, pos))
+        mgm_tensor::on_pool(|| self.forward_embeds_on_pool(embeds, pos))
     }
 
     fn forward_embeds_on_pool(&self, embeds: &Tensor, pos: Option<&Positions>) -> Result<Tensor> {
@@ -619,9 +619,7 @@ impl CausalLm {
         cache: &mut KvCache,
         logits_to_keep: usize,
     ) -> Result<Tensor> {
-        mgm_kernels::parallel::on_pool(|| {
-            self.step_embeds_on_pool(embeds, pos, cache, logits_to_keep)
-        })
+        mgm_tensor::on_pool(|| self.step_embeds_on_pool(embeds, pos, cache, logits_to_keep))
     }
 
     fn step_embeds_on_pool(
@@ -726,7 +724,7 @@ impl CausalLm {
         inputs: &[(SeqId, &[i64])],
         cache: &mut PagedKvCache,
     ) -> Result<Tensor> {
-        mgm_kernels::parallel::on_pool(|| self.step_paged_on_pool(inputs, cache))
+        mgm_tensor::on_pool(|| self.step_paged_on_pool(inputs, cache))
     }
 
     fn step_paged_on_pool(

@@ -55,28 +55,44 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` on a worker of the rayon pool (see [`mgm_kernels::parallel::on_pool`]) with the
+/// caller's recording state.
+///
+/// The state is per thread, and a worker may be inside another computation's [`no_grad`] scope
+/// when it picks the job up (a worker waiting in a parallel loop runs queued jobs): without
+/// this, a forward pass started with recording on could build no graph, and one started under
+/// `no_grad` could build one. Tensor-level work moved onto the pool goes through here.
+///
+/// ```
+/// use mgm_tensor::{is_grad_enabled, no_grad, on_pool};
+/// assert!(on_pool(is_grad_enabled));
+/// assert!(!no_grad(|| on_pool(is_grad_enabled)));
+/// ```
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let enabled = is_grad_enabled();
+    mgm_kernels::parallel::on_pool(move || {
+        let _mode = GradModeGuard::set(enabled);
+        f()
+    })
+}
+
 /// Disables gradient recording on this thread until dropped.
 pub struct NoGradGuard {
-    prev: bool,
+    _mode: GradModeGuard,
 }
 
 impl NoGradGuard {
     /// Turns recording off; the previous state is restored on drop.
     pub fn new() -> Self {
-        let prev = GRAD_ENABLED.with(|g| g.replace(false));
-        NoGradGuard { prev }
+        NoGradGuard {
+            _mode: GradModeGuard::set(false),
+        }
     }
 }
 
 impl Default for NoGradGuard {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl Drop for NoGradGuard {
-    fn drop(&mut self) {
-        GRAD_ENABLED.with(|g| g.set(self.prev));
     }
 }
 
@@ -381,20 +397,20 @@ impl std::fmt::Debug for Var {
     }
 }
 
-/// Turns recording on until dropped (inside a backward pass, which runs with it off).
-struct EnableGradGuard {
+/// Sets this thread's recording state until dropped, then restores the previous one.
+struct GradModeGuard {
     prev: bool,
 }
 
-impl EnableGradGuard {
-    fn new() -> Self {
-        EnableGradGuard {
-            prev: GRAD_ENABLED.with(|g| g.replace(true)),
+impl GradModeGuard {
+    fn set(enabled: bool) -> Self {
+        GradModeGuard {
+            prev: GRAD_ENABLED.with(|g| g.replace(enabled)),
         }
     }
 }
 
-impl Drop for EnableGradGuard {
+impl Drop for GradModeGuard {
     fn drop(&mut self) {
         GRAD_ENABLED.with(|g| g.set(self.prev));
     }
@@ -418,7 +434,7 @@ impl Backward for CheckpointBackward {
         self.inputs.iter().collect()
     }
     fn backward(&self, _output: &Tensor, grad_output: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let _on = EnableGradGuard::new();
+        let _on = GradModeGuard::set(true);
         // fresh leaves for the activations, so that their gradients can be read back; the
         // parameters inside `f` are Vars and receive theirs directly from the inner pass
         let leaves = self.inputs[..self.n_activations]

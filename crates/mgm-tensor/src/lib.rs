@@ -34,7 +34,8 @@ mod tensor;
 pub mod torch_pickle;
 
 pub use autograd::{
-    Backward, Gradients, NoGradGuard, Var, attach, checkpoint, is_grad_enabled, needs_grad, no_grad,
+    Backward, Gradients, NoGradGuard, Var, attach, checkpoint, is_grad_enabled, needs_grad,
+    no_grad, on_pool,
 };
 pub use device::Device;
 pub use dtype::{DType, Float, WithDType};
