@@ -16,8 +16,8 @@
 //! quantized to int8 in blocks of 32 (`s_x = max|x| / 127`), every block's integer dot product
 //! runs on AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per instruction; a portable loop
 //! elsewhere) and is scaled by `s_x s_w` in f32. The weights are read in place (a mapped file
-//! works), once per call: each weight vector is loaded and unpacked once for up to four
-//! activation rows. (A q8 prefill once took the f32 FMA GEMM on weights dequantized a chunk at
+//! works), once per call: each weight vector is loaded and unpacked once for a tile of
+//! activation rows (four for q8, six for q4). (A q8 prefill once took the f32 FMA GEMM on weights dequantized a chunk at
 //! a time; after the integer kernels' call overhead went, the integer path measured faster:
 //! 86-89 against 55 tokens/s for a 128-token prompt at TinyLlama's shapes on a 2-core Zen 5.)
 //!
@@ -583,10 +583,11 @@ fn row_dot_portable(w: &QuantMatrix, jn: usize, x: &QuantRow) -> f32 {
 /// the excess `off * sum(x)` (per 4-byte lane, off = 128 or 8) is subtracted exactly by
 /// starting each lane's accumulator at `-off * sum(x)` of that lane. The activation side
 /// (bytes, those start values and per-lane scales) is laid out once per call in blocks that
-/// match one step over the weights: for q8 a pair of groups (64 weight bytes, lanes 0-7 the
-/// first group, 8-15 the second); for q4 four groups (64 weight bytes: their low nibbles are
-/// one vector and their high nibbles another, each with 4 lanes per group, so both products
-/// add into one accumulator).
+/// match one step over the weights: for q8 four groups (128 weight bytes, shuffled so that
+/// each of the two vectors holds 16 values of every group, 4 lanes a group); for q4 eight
+/// groups (128 weight bytes: the low and high nibbles of two shuffled vectors make four
+/// vectors of 2 lanes a group). All products of a block add into one accumulator before its
+/// one conversion to f32.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -596,17 +597,36 @@ mod avx512 {
     /// How far ahead of the weight loads to prefetch, in bytes.
     const PREFETCH: usize = 4096;
 
-    /// Groups per block: four (128 weights) for both formats, so a block is two 64-byte
-    /// activation vectors, each lane of the integer dot within one group.
-    const PER_BLOCK: usize = 4;
+    /// Groups per block of the kernels: q8 four (128 weights, two 64-byte vectors a weight
+    /// row), q4 eight (256 weights, the two 64-byte vectors of packed nibbles). Each lane of
+    /// an integer dot stays inside one group, so a block takes one conversion to f32 and two
+    /// scalings per dot: at four q4 groups those were 3 of every 5 vector ops of a prefill
+    /// tile, at eight 3 of 7.
+    fn per_block(format: QuantFormat) -> usize {
+        match format {
+            QuantFormat::Q8 => 4,
+            QuantFormat::Q4 => 8,
+        }
+    }
+
+    /// Where value `j` of group `local` of a block meets its weight, as a byte offset into the
+    /// entry's activation vectors. q8: values 0..16 of every group in the first vector, 16..32
+    /// in the second (a q8 block's halves after [`q8_lanes`]). q4: four vectors, lane `2l`,
+    /// `2l + 1` of each in group `l`: values 0..8 (low nibbles of the group's bytes 0..8),
+    /// 16..24 (their high nibbles), 8..16 and 24..32 (those of bytes 8..16; see [`q4_lanes`]).
+    fn activation_slot(format: QuantFormat, local: usize, j: usize) -> usize {
+        match format {
+            QuantFormat::Q8 => (j / 16) * 64 + local * 16 + j % 16,
+            QuantFormat::Q4 => [0, 2, 1, 3][j / 8] * 64 + local * 8 + j % 8,
+        }
+    }
 
     /// The activation rows in the kernel's layout, one buffer: entry `(block b, row r)` at
-    /// `(b * m + r) * stride` (256) bytes holds the row's 128 int8 activations for that block
-    /// in weight-lane order (values 0..16 of each of the four groups, then values 16..32: the
-    /// low- then high-nibble partners of q4, the two 64-byte halves of q8 after
-    /// [`q8_lanes`]), then 16 i32 accumulator start values `-off * (sum of the lane's
-    /// bytes)`, then 16 f32 per-lane activation scales. The rows of one block are adjacent,
-    /// so a kernel reaches all of its rows from one pointer at constant offsets.
+    /// `(b * m + r) * stride` bytes holds the row's int8 activations for that block
+    /// ([`per_block`] groups, placed by [`activation_slot`]), then 16 i32 accumulator start
+    /// values `-off * (sum of the lane's bytes)`, then 16 f32 per-lane activation scales. The
+    /// rows of one block are adjacent, so a kernel reaches all of its rows from one pointer at
+    /// constant offsets.
     pub(super) struct Prepared {
         buf: Vec<__m512i>,
         m: usize,
@@ -622,10 +642,11 @@ mod avx512 {
         pub(super) unsafe fn new(rows: &[QuantRow], format: QuantFormat) -> Prepared {
             let m = rows.len();
             let groups = rows.first().map_or(0, |r| r.s.len());
-            let blocks = groups.div_ceil(PER_BLOCK);
-            let xb = PER_BLOCK * GROUP; // activation bytes per entry
+            let per_block = per_block(format);
+            let blocks = groups.div_ceil(per_block);
+            let xb = per_block * GROUP; // activation bytes per entry
             let stride = xb + 128;
-            let lanes_per_group = 16 / PER_BLOCK;
+            let lanes_per_group = 16 / per_block;
             let off = match format {
                 QuantFormat::Q8 => 128,
                 QuantFormat::Q4 => 8,
@@ -641,23 +662,18 @@ mod avx512 {
                 for b in 0..blocks {
                     let e = &mut bytes[(b * m + ri) * stride..(b * m + ri + 1) * stride];
                     let (x, rest) = e.split_at_mut(xb);
-                    for local in 0..PER_BLOCK {
-                        let g = b * PER_BLOCK + local;
+                    for local in 0..per_block {
+                        let g = b * per_block + local;
                         if g >= groups {
                             continue;
                         }
                         let src = &r.q[g * GROUP..(g + 1) * GROUP];
-                        // where value j of the block's group `local` meets its weight: the
-                        // first 16 in the first vector, the rest in the second
-                        let halves = [local * 16, 64 + local * 16];
-                        for (h, at) in halves.into_iter().enumerate() {
-                            for (o, &v) in x[at..at + 16].iter_mut().zip(&src[h * 16..]) {
-                                *o = v as u8;
-                            }
+                        for (j, &v) in src.iter().enumerate() {
+                            x[activation_slot(format, local, j)] = v as u8;
                         }
                     }
                     // each lane's sum of its (signed) bytes: a multiply-add with unsigned ones
-                    // SAFETY: x holds xb (128) bytes and rest 128.
+                    // SAFETY: x holds xb bytes (a multiple of 64) and rest 128.
                     unsafe {
                         let mut sum = _mm512_setzero_si512();
                         for h in 0..xb / 64 {
@@ -668,7 +684,7 @@ mod avx512 {
                         _mm512_storeu_si512(rest.as_mut_ptr().cast(), start);
                     }
                     for lane in 0..16 {
-                        let g = b * PER_BLOCK + lane / lanes_per_group;
+                        let g = b * per_block + lane / lanes_per_group;
                         let sx = if g < groups { r.s[g] } else { 0.0 };
                         rest[64 + lane * 4..64 + lane * 4 + 4].copy_from_slice(&sx.to_le_bytes());
                     }
@@ -768,7 +784,6 @@ mod avx512 {
         rows: &Prepared,
         d: &mut [f32],
     ) {
-        let nb = j1 - j0;
         let w = &Weights {
             format: w.format,
             k: w.k,
@@ -776,21 +791,46 @@ mod avx512 {
             data: w.data().as_ptr(),
             scales: w.scales().as_ptr().cast::<u16>(),
         };
+        // prefill tiles of TW weight rows x TN activation rows, sized so that accumulators
+        // and the weight vectors stay in the 32 registers (q4 holds five vectors a weight
+        // row, q8 three); at 4 x 4 the q4 tile spilled its accumulators every block
+        // SAFETY: as this function's contract.
+        unsafe {
+            match w.format {
+                QuantFormat::Q8 => band_tiles::<4, 4>(w, j0, j1, rows, d),
+                QuantFormat::Q4 => band_tiles::<2, 6>(w, j0, j1, rows, d),
+            }
+        }
+    }
+
+    /// [`band`] with prefill tiles of `TW` weight rows by `TN` activation rows.
+    ///
+    /// # Safety
+    /// As [`band`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn band_tiles<const TW: usize, const TN: usize>(
+        w: &Weights,
+        j0: usize,
+        j1: usize,
+        rows: &Prepared,
+        d: &mut [f32],
+    ) {
+        let nb = j1 - j0;
         let mut jn = j0;
         while jn < j1 {
-            // four weight rows at a time when rows enough share them (prefill); a decode step
+            // TW weight rows at a time when rows enough share them (prefill); a decode step
             // reads one weight row at a time, one sequential stream per core: four rows at once
             // (four accumulator chains) ran q4 decode at 22-24 tokens/s against 31-38 for one
             // row (2-core Zen 5, TinyLlama shapes, the weights in DRAM; from L3 the two tie)
-            let quad = rows.m >= R && jn + 3 < j1;
+            let tiled = rows.m >= R && jn + TW <= j1;
             let mut i = 0;
             while i < rows.m {
-                let four = quad && rows.m - i >= 4;
-                // 4 x 4 tiles, single rows against 4 weight rows, or on the last weight rows
-                // chunks of 8, 4, 2, 1 rows
-                let r = if four {
-                    4
-                } else if quad {
+                let tile = tiled && rows.m - i >= TN;
+                // TW x TN tiles, single rows against TW weight rows, or on the last weight
+                // rows chunks of 8, 4, 2, 1 rows
+                let r = if tile {
+                    TN
+                } else if tiled {
                     1
                 } else {
                     [8, 4, 2, 1]
@@ -799,17 +839,17 @@ mod avx512 {
                         .unwrap_or(1)
                 };
                 // SAFETY: as this function's contract; rows i..i + r and weight rows
-                // jn..jn + 1 + 3 * quad exist.
+                // jn..jn + TW (jn alone when not `tiled`) exist.
                 unsafe {
-                    if four {
-                        let v = row_dots::<4, 4>(w, jn, rows, i);
+                    if tile {
+                        let v = row_dots::<TW, TN>(w, jn, rows, i);
                         for (o, vr) in v.iter().enumerate() {
                             for q in 0..r {
                                 d[(i + q) * nb + jn + o - j0] = vr[q];
                             }
                         }
-                    } else if quad {
-                        let v = row_dots::<4, 1>(w, jn, rows, i);
+                    } else if tiled {
+                        let v = row_dots::<TW, 1>(w, jn, rows, i);
                         for (o, vr) in v.iter().enumerate() {
                             d[i * nb + jn + o - j0] = vr[0];
                         }
@@ -827,7 +867,7 @@ mod avx512 {
                 }
                 i += r;
             }
-            jn += 1 + 3 * usize::from(quad);
+            jn += if tiled { TW } else { 1 };
         }
     }
 
@@ -839,7 +879,7 @@ mod avx512 {
 
     /// Weight rows `jn..jn + W` against the `N` prepared rows from `i0`: each weight vector
     /// is loaded and made unsigned once for all `N` rows, and each activation entry loaded once
-    /// for all `W` weight rows (prefill runs W = 4, N = 4; decode W = 1, N = 1).
+    /// for all `W` weight rows (decode runs W = 1, N = 1).
     ///
     /// # Safety
     /// As [`band`]; weight rows `jn..jn + W` and prepared rows `i0..i0 + N` exist.
@@ -873,26 +913,36 @@ mod avx512 {
         }
     }
 
-    /// The f16 scales of groups `g..g + here` (`here <= 4`) of the weight row whose groups
-    /// start at `srow`, as f32 spread four lanes a group.
+    /// The f16 scales of groups `g..g + here` of the weight row whose groups start at `srow`,
+    /// as f32 spread over the lanes of their groups: `P` groups a block (4 or 8), `16 / P`
+    /// lanes each.
     ///
     /// # Safety
-    /// AVX-512F and F16C; scales `srow + g..srow + g + here` exist.
+    /// AVX-512F and F16C; `here <= P`; scales `srow + g..srow + g + here` exist.
     #[inline(always)]
-    unsafe fn block_scales(scales: *const u16, srow: usize, g: usize, here: usize) -> __m512 {
+    unsafe fn block_scales<const P: usize>(
+        scales: *const u16,
+        srow: usize,
+        g: usize,
+        here: usize,
+    ) -> __m512 {
         // SAFETY: as this function's contract; only `here` scales are read.
         unsafe {
-            let idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-            let four = if here == 4 {
-                _mm_loadl_epi64(scales.add(srow + g).cast())
+            let at = scales.add(srow + g);
+            let h = if here == P && P == 8 {
+                _mm_loadu_si128(at.cast())
+            } else if here == P {
+                _mm_loadl_epi64(at.cast())
             } else {
-                let mut h = [0u16; 4];
-                for (t, v) in h.iter_mut().enumerate().take(here) {
-                    *v = *scales.add(srow + g + t);
-                }
-                _mm_loadl_epi64(h.as_ptr().cast())
+                _mm_maskz_loadu_epi16((1u8 << here) - 1, at.cast())
             };
-            _mm512_permutexvar_ps(idx, _mm512_cvtph_ps(_mm256_broadcastq_epi64(four)))
+            let f = _mm512_castps256_ps512(_mm256_cvtph_ps(h));
+            let idx = if P == 8 {
+                _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)
+            } else {
+                _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+            };
+            _mm512_permutexvar_ps(idx, f)
         }
     }
 
@@ -924,8 +974,8 @@ mod avx512 {
                 }
             };
             for b in 0..blocks {
-                let g = PER_BLOCK * b;
-                let here = (groups - g).min(PER_BLOCK);
+                let g = 4 * b;
+                let here = (groups - g).min(4);
                 let left = k - g * GROUP;
                 let mut lo = [_mm512_setzero_si512(); W];
                 let mut hi = [_mm512_setzero_si512(); W];
@@ -944,11 +994,11 @@ mod avx512 {
                     let (a, c) = q8_lanes(v0, v1);
                     lo[r] = _mm512_xor_si512(a, flip);
                     hi[r] = _mm512_xor_si512(c, flip);
-                    sw[r] = block_scales(scales, (jn + r) * groups, g, here);
+                    sw[r] = block_scales::<4>(scales, (jn + r) * groups, g, here);
                 }
                 let base = rows.at(b, i0);
                 for q in 0..N {
-                    let e = base.add(q * 256);
+                    let e = base.add(q * rows.stride);
                     let xl = _mm512_load_si512(e.cast());
                     let xh = _mm512_load_si512(e.add(64).cast());
                     let st = _mm512_load_si512(e.add(128).cast());
@@ -965,6 +1015,24 @@ mod avx512 {
         }
     }
 
+    /// A q4 block's two 64-byte vectors (groups 0-3 and 4-7, 16 bytes each, in storage
+    /// order) rearranged so that bytes `8g..8g + 8` of the first hold bytes 0..8 of group `g`
+    /// and those of the second its bytes 8..16: every lane of both in one group.
+    #[inline(always)]
+    unsafe fn q4_lanes(v0: __m512i, v1: __m512i) -> (__m512i, __m512i) {
+        // SAFETY: register-only AVX-512F shuffles (the caller runs with AVX-512F).
+        unsafe {
+            let even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+            let odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+            (
+                _mm512_permutex2var_epi64(v0, even, v1),
+                _mm512_permutex2var_epi64(v0, odd, v1),
+            )
+        }
+    }
+
+    /// Weight rows' blocks of 256 nibbles (eight groups): [`q4_lanes`], then the low and
+    /// high nibbles of both halves, four dots per entry into one set of lanes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // q indexes the accumulators of every weight row
     unsafe fn row_dots_q4<const W: usize, const N: usize>(
@@ -973,6 +1041,7 @@ mod avx512 {
         rows: &Prepared,
         i0: usize,
     ) -> [[f32; N]; W] {
+        const P: usize = 8;
         let groups = w.groups;
         let blocks = rows.blocks;
         let (data, scales) = (w.data, w.scales);
@@ -982,38 +1051,56 @@ mod avx512 {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); N]; W];
             let low = _mm512_set1_epi8(0x0F);
+            let masked = |at: *const u8, bytes: usize| {
+                _mm512_maskz_loadu_epi8(u64::MAX >> (64 - bytes), at.cast())
+            };
             for b in 0..blocks {
-                let g = PER_BLOCK * b;
-                let here = (groups - g).min(PER_BLOCK);
-                let mut lo = [_mm512_setzero_si512(); W];
-                let mut hi = [_mm512_setzero_si512(); W];
+                let g = P * b;
+                let here = (groups - g).min(P);
+                let mut wv = [[_mm512_setzero_si512(); 4]; W];
                 let mut sw = [_mm512_setzero_ps(); W];
                 for r in 0..W {
                     let srow = (jn + r) * groups;
                     let at = data.add((srow + g) * GROUP / 2);
                     _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH).cast());
-                    let wv = if here == 4 {
-                        _mm512_loadu_si512(at.cast())
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH + 64).cast());
+                    let (v0, v1) = if here == P {
+                        (
+                            _mm512_loadu_si512(at.cast()),
+                            _mm512_loadu_si512(at.add(64).cast()),
+                        )
                     } else {
-                        let mk: __mmask64 = (1u64 << (here * 16)) - 1;
-                        _mm512_maskz_loadu_epi8(mk, at.cast())
+                        let bytes = here * GROUP / 2;
+                        let v1 = if bytes > 64 {
+                            masked(at.add(64), bytes - 64)
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                        (masked(at, bytes.min(64)), v1)
                     };
-                    lo[r] = _mm512_and_si512(wv, low);
-                    hi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), low);
-                    sw[r] = block_scales(scales, srow, g, here);
+                    let (p, q) = q4_lanes(v0, v1);
+                    wv[r] = [
+                        _mm512_and_si512(p, low),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(p), low),
+                        _mm512_and_si512(q, low),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(q), low),
+                    ];
+                    sw[r] = block_scales::<P>(scales, srow, g, here);
                 }
                 let base = rows.at(b, i0);
-                for q in 0..N {
-                    let e = base.add(q * 256);
-                    let xl = _mm512_load_si512(e.cast());
-                    let xh = _mm512_load_si512(e.add(64).cast());
-                    let st = _mm512_load_si512(e.add(128).cast());
-                    let sx = _mm512_load_ps(e.add(192).cast());
+                for qi in 0..N {
+                    let e = base.add(qi * rows.stride);
+                    let x: [__m512i; 4] =
+                        std::array::from_fn(|v| _mm512_load_si512(e.add(64 * v).cast()));
+                    let st = _mm512_load_si512(e.add(256).cast());
+                    let sx = _mm512_load_ps(e.add(320).cast());
                     for r in 0..W {
-                        let dot = _mm512_dpbusd_epi32(st, lo[r], xl);
-                        let dot = _mm512_dpbusd_epi32(dot, hi[r], xh);
+                        let mut dot = st;
+                        for v in 0..4 {
+                            dot = _mm512_dpbusd_epi32(dot, wv[r][v], x[v]);
+                        }
                         let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx);
-                        acc[r][q] = _mm512_fmadd_ps(t, sw[r], acc[r][q]);
+                        acc[r][qi] = _mm512_fmadd_ps(t, sw[r], acc[r][qi]);
                     }
                 }
             }

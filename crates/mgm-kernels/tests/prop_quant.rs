@@ -1,5 +1,5 @@
-//! quant: the integer paths (the best for this CPU, 4 x 4 tiles of weight and activation
-//! rows from 8 rows on, and the portable one) against the f64 reference of the same quantized
+//! quant: the integer paths (the best for this CPU, tiles of weight and activation rows from
+//! 8 rows on, and the portable one) against the f64 reference of the same quantized
 //! math (scaled error <= 1e-5), the quantization error itself
 //! against the unquantized product (within the formats' bounds), storage round trips, and
 //! argument errors.
