@@ -46,6 +46,7 @@ use crate::gemm::{Epilogue, MatMut, MatRef};
 use crate::simd::{simd_call, simd_level, simd_variants};
 
 const KERNEL: &str = "quant";
+
 /// Values per Q4 group and per activation block.
 pub const GROUP: usize = 32;
 /// Weight bytes per rayon task of the integer path: tasks of a few µs each would spend a
@@ -791,15 +792,149 @@ mod avx512 {
             data: w.data().as_ptr(),
             scales: w.scales().as_ptr().cast::<u16>(),
         };
-        // prefill tiles of TW weight rows x TN activation rows, sized so that accumulators
-        // and the weight vectors stay in the 32 registers (q4 holds five vectors a weight
-        // row, q8 three); at 4 x 4 the q4 tile spilled its accumulators every block
+        // one activation row (a decode step) streams the weights; from 8 rows on, tiles of
+        // TW weight rows x TN activation rows, sized so that accumulators and the weight
+        // vectors stay in the 32 registers (q4 holds five vectors a weight row, q8 three;
+        // at 4 x 4 the q4 tile spilled its accumulators every block)
         // SAFETY: as this function's contract.
         unsafe {
             match w.format {
+                QuantFormat::Q8 if rows.m == 1 => band_one_row::<false>(w, j0, j1, rows, d),
+                QuantFormat::Q4 if rows.m == 1 => band_one_row::<true>(w, j0, j1, rows, d),
                 QuantFormat::Q8 => band_tiles::<4, 4>(w, j0, j1, rows, d),
                 QuantFormat::Q4 => band_tiles::<2, 6>(w, j0, j1, rows, d),
             }
+        }
+    }
+
+    /// A decode step's band: one activation row against weight rows `j0..j1`, one weight row
+    /// at a time (a single sequential stream per core: four rows at once, four streams, ran
+    /// q4 decode at 22-24 against 31-38 tokens/s from DRAM on a 2-core Zen 5), two blocks
+    /// per pass into two accumulators so that consecutive blocks' dot chains overlap, and the
+    /// weights prefetched into L2 ([`PREFETCH`] ahead, `prefetcht1`): into L1 (`prefetcht0`)
+    /// the same kernel decoded q4 at 33-35 tokens/s, into L2 at 41-44 (2-core Zen 4, A/B
+    /// alternated), as each L1 prefetch holds one of the core's few L1 miss buffers until
+    /// its line arrives.
+    ///
+    /// # Safety
+    /// As [`band`]; `rows` holds one row.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn band_one_row<const Q4: bool>(
+        w: &Weights,
+        j0: usize,
+        j1: usize,
+        rows: &Prepared,
+        d: &mut [f32],
+    ) {
+        let groups = w.groups;
+        let p = if Q4 { 8 } else { 4 };
+        let full = groups / p;
+        let (x0, stride) = (rows.at(0, 0), rows.stride);
+        // SAFETY: blocks 0..full of every weight row j0..j1 are whole (the short last one
+        // goes to row_dots_from, which masks its loads); the prepared row has `blocks`
+        // entries of `stride` bytes.
+        unsafe {
+            let block = |jn: usize, b: usize, acc: __m512| {
+                let e = x0.add(b * stride);
+                if Q4 {
+                    q4_block(w, jn, b, e, acc)
+                } else {
+                    q8_block(w, jn, b, e, acc)
+                }
+            };
+            for jn in j0..j1 {
+                let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let mut b = 0;
+                while b + 2 <= full {
+                    a0 = block(jn, b, a0);
+                    a1 = block(jn, b + 1, a1);
+                    b += 2;
+                }
+                if b < full {
+                    a0 = block(jn, b, a0);
+                }
+                let mut total = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                if !groups.is_multiple_of(p) {
+                    total += row_dots_from::<1, 1>(w, jn, rows, 0, full)[0][0];
+                }
+                d[jn - j0] = total;
+            }
+        }
+    }
+
+    /// Prefetches the weight bytes [`PREFETCH`] after `at` (two lines) into L2.
+    #[inline(always)]
+    unsafe fn prefetch_l2(at: *const u8) {
+        // SAFETY: prefetches never fault.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PREFETCH).cast());
+            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PREFETCH + 64).cast());
+        }
+    }
+
+    /// `acc` plus the whole q8 block `b` (four groups) of weight row `jn` against the
+    /// prepared entry at `e`, per lane.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VNNI and F16C; block `b` of row `jn` is whole; `e` is its entry.
+    #[inline(always)]
+    unsafe fn q8_block(w: &Weights, jn: usize, b: usize, e: *const u8, acc: __m512) -> __m512 {
+        // SAFETY: as this function's contract.
+        unsafe {
+            let at = w.data.add(jn * w.k + b * 4 * GROUP);
+            prefetch_l2(at);
+            let flip = _mm512_set1_epi8(-128);
+            let (lo, hi) = q8_lanes(
+                _mm512_loadu_si512(at.cast()),
+                _mm512_loadu_si512(at.add(64).cast()),
+            );
+            let st = _mm512_load_si512(e.add(128).cast());
+            let dot =
+                _mm512_dpbusd_epi32(st, _mm512_xor_si512(lo, flip), _mm512_load_si512(e.cast()));
+            let dot = _mm512_dpbusd_epi32(
+                dot,
+                _mm512_xor_si512(hi, flip),
+                _mm512_load_si512(e.add(64).cast()),
+            );
+            let sw = block_scales::<4>(w.scales, jn * w.groups, b * 4, 4);
+            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(e.add(192).cast()));
+            _mm512_fmadd_ps(t, sw, acc)
+        }
+    }
+
+    /// `acc` plus the whole q4 block `b` (eight groups) of weight row `jn` against the
+    /// prepared entry at `e`, per lane: two chains of two dots each, added.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VNNI and F16C; block `b` of row `jn` is whole; `e` is its entry.
+    #[inline(always)]
+    unsafe fn q4_block(w: &Weights, jn: usize, b: usize, e: *const u8, acc: __m512) -> __m512 {
+        // SAFETY: as this function's contract.
+        unsafe {
+            let srow = jn * w.groups;
+            let at = w.data.add((srow + b * 8) * GROUP / 2);
+            prefetch_l2(at);
+            let low = _mm512_set1_epi8(0x0F);
+            let (p, q) = q4_lanes(
+                _mm512_loadu_si512(at.cast()),
+                _mm512_loadu_si512(at.add(64).cast()),
+            );
+            let nib = |v: __m512i, hi: bool| {
+                if hi {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), low)
+                } else {
+                    _mm512_and_si512(v, low)
+                }
+            };
+            let x = |v: usize| _mm512_load_si512(e.add(64 * v).cast());
+            let a = _mm512_dpbusd_epi32(_mm512_load_si512(e.add(256).cast()), nib(p, false), x(0));
+            let a = _mm512_dpbusd_epi32(a, nib(p, true), x(1));
+            let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nib(q, false), x(2));
+            let c = _mm512_dpbusd_epi32(c, nib(q, true), x(3));
+            let sw = block_scales::<8>(w.scales, srow, b * 8, 8);
+            let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(a, c));
+            let t = _mm512_mul_ps(dot, _mm512_load_ps(e.add(320).cast()));
+            _mm512_fmadd_ps(t, sw, acc)
         }
     }
 
@@ -818,10 +953,8 @@ mod avx512 {
         let nb = j1 - j0;
         let mut jn = j0;
         while jn < j1 {
-            // TW weight rows at a time when rows enough share them (prefill); a decode step
-            // reads one weight row at a time, one sequential stream per core: four rows at once
-            // (four accumulator chains) ran q4 decode at 22-24 tokens/s against 31-38 for one
-            // row (2-core Zen 5, TinyLlama shapes, the weights in DRAM; from L3 the two tie)
+            // TW weight rows at a time when rows enough share them (prefill); a few rows
+            // (batched decode) read one weight row at a time, as band_one_row does
             let tiled = rows.m >= R && jn + TW <= j1;
             let mut i = 0;
             while i < rows.m {
@@ -891,10 +1024,26 @@ mod avx512 {
         i0: usize,
     ) -> [[f32; N]; W] {
         // SAFETY: as this function's contract.
+        unsafe { row_dots_from::<W, N>(w, jn, rows, i0, 0) }
+    }
+
+    /// [`row_dots`] over the blocks from `b0` on.
+    ///
+    /// # Safety
+    /// As [`row_dots`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn row_dots_from<const W: usize, const N: usize>(
+        w: &Weights,
+        jn: usize,
+        rows: &Prepared,
+        i0: usize,
+        b0: usize,
+    ) -> [[f32; N]; W] {
+        // SAFETY: as this function's contract.
         unsafe {
             match w.format {
-                QuantFormat::Q8 => row_dots_q8::<W, N>(w, jn, rows, i0),
-                QuantFormat::Q4 => row_dots_q4::<W, N>(w, jn, rows, i0),
+                QuantFormat::Q8 => row_dots_q8::<W, N>(w, jn, rows, i0, b0),
+                QuantFormat::Q4 => row_dots_q4::<W, N>(w, jn, rows, i0, b0),
             }
         }
     }
@@ -956,6 +1105,7 @@ mod avx512 {
         jn: usize,
         rows: &Prepared,
         i0: usize,
+        b0: usize,
     ) -> [[f32; N]; W] {
         let (k, groups) = (w.k, w.groups);
         let blocks = rows.blocks;
@@ -973,7 +1123,7 @@ mod avx512 {
                     _mm512_maskz_loadu_epi8((1u64 << left) - 1, at.cast())
                 }
             };
-            for b in 0..blocks {
+            for b in b0..blocks {
                 let g = 4 * b;
                 let here = (groups - g).min(4);
                 let left = k - g * GROUP;
@@ -1040,6 +1190,7 @@ mod avx512 {
         jn: usize,
         rows: &Prepared,
         i0: usize,
+        b0: usize,
     ) -> [[f32; N]; W] {
         const P: usize = 8;
         let groups = w.groups;
@@ -1054,7 +1205,7 @@ mod avx512 {
             let masked = |at: *const u8, bytes: usize| {
                 _mm512_maskz_loadu_epi8(u64::MAX >> (64 - bytes), at.cast())
             };
-            for b in 0..blocks {
+            for b in b0..blocks {
                 let g = P * b;
                 let here = (groups - g).min(P);
                 let mut wv = [[_mm512_setzero_si512(); 4]; W];

@@ -100,13 +100,16 @@ proptest! {
 }
 
 /// The decode step's shapes on every path: one row of activations, `k` LLaMA-sized or with a
-/// ragged end (a short last block of groups, a short last group), and enough weight rows that
-/// each task's band holds many (tasks get `n / (4 threads)` rows).
+/// ragged end (a short last block of groups, a short last group), an odd number of whole
+/// blocks (the decode kernel takes them in pairs), and enough weight rows that each task's
+/// band holds many (tasks get `n / (4 threads)` rows).
 #[test]
 fn decode_shapes_match_reference() {
     for format in [QuantFormat::Q4, QuantFormat::Q8] {
         for (k, n) in [
             (2048, 67),
+            (32 * 12, 33),
+            (32 * 24, 9),
             (32 * 17 + 5, 301),
             (32 * 19, 301),
             (32 * 16, 4),
