@@ -430,11 +430,37 @@ pub fn reference(
 /// `C = epilogue(X W^T)` with a quantized weight, on integers for any number of rows of `X`
 /// (each row quantized in blocks of 32, as llama.cpp does for prefill and decode alike).
 pub fn cpu(x: MatRef<'_>, w: &QuantMatrix, c: MatMut<'_>, epi: &Epilogue<'_>) -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    let vnni = vnni_available();
-    #[cfg(not(target_arch = "x86_64"))]
-    let vnni = false;
-    run(x, w, c, epi, vnni)
+    run(x, &mut [(w, c, epi)], vnni())
+}
+
+/// One product of [`cpu_many`]: the weight, the output and its epilogue.
+pub type Product<'a> = (&'a QuantMatrix, MatMut<'a>, &'a Epilogue<'a>);
+
+/// [`cpu`] for several weights that read the same `X` (a transformer layer's q, k and v
+/// projections, or its gate and up projections): `X` is quantized and laid out once, and all
+/// the products share one parallel loop, so a decode step waits on one fork-join instead of
+/// one per weight.
+///
+/// ```
+/// use mgm_kernels::gemm::{Epilogue, MatMut, MatRef};
+/// use mgm_kernels::quant::{self, QuantFormat, QuantMatrix};
+/// let w: Vec<f32> = (0..8 * 64).map(|i| ((i % 13) as f32 - 6.0) / 6.0).collect();
+/// let a = QuantMatrix::quantize(MatRef::row_major(&w, 8, 64)?, QuantFormat::Q8)?;
+/// let b = QuantMatrix::quantize(MatRef::row_major(&w[..4 * 64], 4, 64)?, QuantFormat::Q4)?;
+/// let x = vec![0.25f32; 64];
+/// let (mut ya, mut yb) = (vec![0f32; 8], vec![0f32; 4]);
+/// let e = Epilogue::default();
+/// quant::cpu_many(MatRef::row_major(&x, 1, 64)?, &mut [
+///     (&a, MatMut::row_major(&mut ya, 1, 8)?, &e),
+///     (&b, MatMut::row_major(&mut yb, 1, 4)?, &e),
+/// ])?;
+/// let mut y1 = vec![0f32; 4];
+/// quant::cpu(MatRef::row_major(&x, 1, 64)?, &b, MatMut::row_major(&mut y1, 1, 4)?, &e)?;
+/// assert_eq!(yb, y1);
+/// # Ok::<(), mgm_kernels::Error>(())
+/// ```
+pub fn cpu_many(x: MatRef<'_>, products: &mut [Product<'_>]) -> Result<()> {
+    run(x, products, vnni())
 }
 
 /// [`cpu`] on the path of CPUs without AVX-512 VNNI: the portable integer loop (public so that
@@ -445,50 +471,82 @@ pub fn cpu_portable(
     c: MatMut<'_>,
     epi: &Epilogue<'_>,
 ) -> Result<()> {
-    run(x, w, c, epi, false)
+    run(x, &mut [(w, c, epi)], false)
+}
+
+/// Whether the AVX-512 VNNI kernels run here.
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return vnni_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A task of [`run`]: rows `j0..j1` of product `p`.
+struct Band {
+    p: usize,
+    j0: usize,
+    j1: usize,
 }
 
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn run(
-    x: MatRef<'_>,
-    w: &QuantMatrix,
-    mut c: MatMut<'_>,
-    epi: &Epilogue<'_>,
-    vnni: bool,
-) -> Result<()> {
-    let (m, k, n) = check(&x, w, &c, epi)?;
-    if m == 0 || n == 0 {
+fn run(x: MatRef<'_>, products: &mut [Product<'_>], vnni: bool) -> Result<()> {
+    for (w, c, epi) in products.iter() {
+        check(&x, w, c, epi)?;
+    }
+    let (m, k) = (x.rows(), x.cols());
+    if m == 0 || products.is_empty() {
         return Ok(());
     }
     let rows: Vec<QuantRow> = (0..m)
         .into_par_iter()
         .map(|i| quantize_row(&x_row(&x, i)))
         .collect();
+    // the activations in the kernel's layout, once per format the weights use
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: vnni_available() detected AVX-512F, BW, VL and VNNI.
-    let prepared: Option<avx512::Prepared> =
-        vnni.then(|| unsafe { avx512::Prepared::new(&rows, w.format) });
-    let row_bytes = w.bytes() / n;
-    let per_thread = n.div_ceil(4 * rayon::current_num_threads()).max(1);
-    let band_rows = (TASK_BYTES / row_bytes.max(1))
-        .clamp(8, 1024)
-        .min(per_thread);
-    let bands: Vec<usize> = (0..n).step_by(band_rows).collect();
-    let work = n * m * k;
-    let band = |&j0: &usize| {
-        let j1 = (j0 + band_rows).min(n);
-        let nb = j1 - j0;
+    let prepared: Vec<(QuantFormat, avx512::Prepared)> = if vnni {
+        let mut formats: Vec<QuantFormat> = products.iter().map(|p| p.0.format).collect();
+        formats.sort_by_key(|f| f.name());
+        formats.dedup();
+        formats
+            .into_iter()
+            // SAFETY: vnni_available() detected AVX-512F, BW, VL and VNNI.
+            .map(|f| (f, unsafe { avx512::Prepared::new(&rows, f) }))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let threads = rayon::current_num_threads();
+    let mut bands = Vec::new();
+    for (p, (w, _, _)) in products.iter().enumerate() {
+        let n = w.n;
+        let row_bytes = w.bytes() / n.max(1);
+        let per_thread = n.div_ceil(4 * threads).max(1);
+        let band_rows = (TASK_BYTES / row_bytes.max(1))
+            .clamp(8, 1024)
+            .min(per_thread);
+        bands.extend((0..n).step_by(band_rows).map(|j0| Band {
+            p,
+            j0,
+            j1: (j0 + band_rows).min(n),
+        }));
+    }
+    let work: usize = products.iter().map(|p| p.0.n * m * k).sum();
+    let weights: Vec<&QuantMatrix> = products.iter().map(|p| p.0).collect();
+    let band = |b: &Band| {
+        let w = weights[b.p];
+        let nb = b.j1 - b.j0;
         let mut d = vec![0f32; m * nb];
         #[cfg(target_arch = "x86_64")]
-        if let Some(p) = &prepared {
-            // SAFETY: vnni_available() detected AVX-512F, BW, VL and VNNI; `Prepared` pads
-            // the activations to whole pairs of groups, as the kernel reads them.
-            unsafe { avx512::band(w, j0, j1, p, &mut d) };
+        if let Some((_, p)) = prepared.iter().find(|(f, _)| *f == w.format) {
+            // SAFETY: vnni_available() detected AVX-512F, BW, VL and VNNI; `p` was laid out
+            // for this weight's format, padded to whole blocks as the kernel reads them.
+            unsafe { avx512::band(w, b.j0, b.j1, p, &mut d) };
             return d;
         }
-        for jn in j0..j1 {
+        for jn in b.j0..b.j1 {
             for (i, r) in rows.iter().enumerate() {
-                d[i * nb + jn - j0] = row_dot_portable(w, jn, r);
+                d[i * nb + jn - b.j0] = row_dot_portable(w, jn, r);
             }
         }
         d
@@ -498,8 +556,9 @@ fn run(
     } else {
         bands.iter().map(band).collect()
     };
-    for (&j0, d) in bands.iter().zip(&dots) {
-        c.store_band(j0, (j0 + band_rows).min(n) - j0, d, epi);
+    for (b, d) in bands.iter().zip(&dots) {
+        let (_, c, epi) = &mut products[b.p];
+        c.store_band(b.j0, b.j1 - b.j0, d, epi);
     }
     Ok(())
 }
@@ -669,8 +728,16 @@ mod avx512 {
                             continue;
                         }
                         let src = &r.q[g * GROUP..(g + 1) * GROUP];
-                        for (j, &v) in src.iter().enumerate() {
-                            x[activation_slot(format, local, j)] = v as u8;
+                        // runs of `run` values keep their order in the layout
+                        let run = match format {
+                            QuantFormat::Q8 => 16,
+                            QuantFormat::Q4 => 8,
+                        };
+                        for (c, chunk) in src.chunks_exact(run).enumerate() {
+                            let at = activation_slot(format, local, c * run);
+                            for (o, &v) in x[at..at + run].iter_mut().zip(chunk) {
+                                *o = v as u8;
+                            }
                         }
                     }
                     // each lane's sum of its (signed) bytes: a multiply-add with unsigned ones
@@ -1241,8 +1308,13 @@ mod avx512 {
                 let base = rows.at(b, i0);
                 for qi in 0..N {
                     let e = base.add(qi * rows.stride);
-                    let x: [__m512i; 4] =
-                        std::array::from_fn(|v| _mm512_load_si512(e.add(64 * v).cast()));
+                    // four named loads: a from_fn closure here was not inlined
+                    let x = [
+                        _mm512_load_si512(e.cast()),
+                        _mm512_load_si512(e.add(64).cast()),
+                        _mm512_load_si512(e.add(128).cast()),
+                        _mm512_load_si512(e.add(192).cast()),
+                    ];
                     let st = _mm512_load_si512(e.add(256).cast());
                     let sx = _mm512_load_ps(e.add(320).cast());
                     for r in 0..W {

@@ -120,6 +120,100 @@ fn decode_shapes_match_reference() {
     }
 }
 
+/// Several weights on one input (`cpu_many`: one quantization of `X`, one parallel loop over
+/// every weight's bands, a layout per format) give each product as the f64 reference does,
+/// with each product's own bias and activation, for decode and prefill row counts, mixed
+/// formats and widths from a few rows to many bands; a product whose shape does not fit is an
+/// error that names it.
+#[test]
+fn many_products_on_one_input_match_the_reference() {
+    use mgm_kernels::activation::Activation;
+    for (case, m) in [1usize, 3, 9, 40].into_iter().enumerate() {
+        let k = 32 * 19 + 7;
+        let shapes = [
+            (QuantFormat::Q4, 301, Activation::Silu),
+            (QuantFormat::Q8, 37, Activation::Identity),
+            (QuantFormat::Q4, 5, Activation::Identity),
+        ];
+        let x = data(m * k, 2.0, case as u64);
+        let ws: Vec<QuantMatrix> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(f, n, _))| {
+                let w = data(n * k, 0.05, 10 + i as u64);
+                QuantMatrix::quantize(MatRef::row_major(&w, n, k).unwrap(), f).unwrap()
+            })
+            .collect();
+        let biases: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| data(s.1, 0.5, 20 + i as u64))
+            .collect();
+        let epis: Vec<Epilogue<'_>> = shapes
+            .iter()
+            .zip(&biases)
+            .map(|(s, b)| Epilogue {
+                bias: Some(b),
+                activation: s.2,
+                ..Epilogue::default()
+            })
+            .collect();
+        let mut outs: Vec<Vec<f32>> = shapes.iter().map(|s| vec![f32::NAN; m * s.1]).collect();
+        {
+            let mut products: Vec<quant::Product<'_>> = ws
+                .iter()
+                .zip(outs.iter_mut())
+                .zip(&epis)
+                .map(|((w, o), e)| (w, MatMut::row_major(o, m, w.n()).unwrap(), e))
+                .collect();
+            quant::cpu_many(MatRef::row_major(&x, m, k).unwrap(), &mut products).unwrap();
+        }
+        for ((w, e), got) in ws.iter().zip(&epis).zip(&outs) {
+            let want = run(&x, m, k, w, e, Path::Reference);
+            for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                let scale = 1.0
+                    + (0..k)
+                        .map(|t| {
+                            f64::from(x[(i / w.n()) * k + t]).abs()
+                                * f64::from(w.value(i % w.n(), t)).abs()
+                        })
+                        .sum::<f64>();
+                let err = (f64::from(g) - f64::from(r)).abs() / scale;
+                assert!(
+                    err <= 1e-5,
+                    "m={m} {:?} n={} output {i}: {g} vs {r}",
+                    w.format(),
+                    w.n()
+                );
+            }
+        }
+    }
+    // a product of the wrong width is refused before any runs
+    let x = data(2 * 64, 1.0, 5);
+    let w = QuantMatrix::quantize(
+        MatRef::row_major(&data(4 * 64, 0.1, 6), 4, 64).unwrap(),
+        QuantFormat::Q8,
+    )
+    .unwrap();
+    let narrow = QuantMatrix::quantize(
+        MatRef::row_major(&data(4 * 32, 0.1, 7), 4, 32).unwrap(),
+        QuantFormat::Q4,
+    )
+    .unwrap();
+    let (mut a, mut b) = (vec![0f32; 8], vec![0f32; 8]);
+    let e = Epilogue::default();
+    let err = quant::cpu_many(
+        MatRef::row_major(&x, 2, 64).unwrap(),
+        &mut [
+            (&w, MatMut::row_major(&mut a, 2, 4).unwrap(), &e),
+            (&narrow, MatMut::row_major(&mut b, 2, 4).unwrap(), &e),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("inner dims differ"), "{err}");
+}
+
 /// What quantization costs: relative Frobenius error of `X W^T` against the f32 product, for
 /// weights of a realistic scale (N(0, 0.02)-like uniform) and unit activations.
 #[test]

@@ -42,11 +42,13 @@ pub(crate) struct Mlp {
 impl Mlp {
     /// `residual + down(act(gate(x)) * up(x))` (the residual fused into `down` when given).
     pub(crate) fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let g = self.gate.forward_fused(x, self.act, None)?;
-        let u = self.up.forward(x)?;
+        let gu = Linear::forward_many(
+            x,
+            &[(&self.gate, self.act), (&self.up, Activation::Identity)],
+        )?;
         Ok(self
             .down
-            .forward_fused(&g.mul(&u)?, Activation::Identity, residual)?)
+            .forward_fused(&gu[0].mul(&gu[1])?, Activation::Identity, residual)?)
     }
 }
 
@@ -917,9 +919,10 @@ impl Attention {
         let (b, t) = (s[0], s[1]);
         let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let g = hq / kv;
-        let q = self.q.forward(x)?.reshape(&[b, t, hq, d])?;
-        let k = self.k.forward(x)?.reshape(&[b, t, kv, d])?;
-        let v = self.v.forward(x)?.reshape(&[b, t, kv, d])?;
+        let [q, k, v] = self.qkv(x)?;
+        let q = q.reshape(&[b, t, hq, d])?;
+        let k = k.reshape(&[b, t, kv, d])?;
+        let v = v.reshape(&[b, t, kv, d])?;
         let q = rope.rotate_tensor(state, &q, &pos.ids)?;
         let k = rope.rotate_tensor(state, &k, &pos.ids)?;
         // groups of query heads share a kv head: q [B, KV, G, T, d] against k [B, KV, 1, T, d]
@@ -933,6 +936,15 @@ impl Attention {
             .forward_fused(&o, Activation::Identity, Some(residual))?)
     }
 
+    /// The q, k and v projections of `x` (one pass over `x` when quantized).
+    fn qkv(&self, x: &Tensor) -> Result<[Tensor; 3]> {
+        let id = Activation::Identity;
+        let out = Linear::forward_many(x, &[(&self.q, id), (&self.k, id), (&self.v, id)])?;
+        Ok(out
+            .try_into()
+            .expect("forward_many returns one output per layer"))
+    }
+
     /// q, k and v of `x` as flat rows (token-major, then head), q and k rotated by each token's
     /// `cos_sin`.
     #[allow(clippy::type_complexity)]
@@ -942,9 +954,8 @@ impl Attention {
         cos_sin: &[(Vec<f32>, Vec<f32>)],
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (hq, kv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let mut q = self.q.forward(x)?.to_vec::<f32>()?;
-        let mut k = self.k.forward(x)?.to_vec::<f32>()?;
-        let v = self.v.forward(x)?.to_vec::<f32>()?;
+        let [q, k, v] = self.qkv(x)?;
+        let (mut q, mut k, v) = (q.to_vec::<f32>()?, k.to_vec::<f32>()?, v.to_vec::<f32>()?);
         for (tok, (cos, sin)) in cos_sin.iter().enumerate() {
             for h in 0..hq {
                 rotate_with(&mut q[(tok * hq + h) * d..][..d], cos, sin);

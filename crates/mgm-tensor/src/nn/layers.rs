@@ -489,6 +489,116 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `act_i(x W_i^T + b_i)` for several layers that read the same `x` (a transformer's q, k
+    /// and v projections, or its gate and up): quantized layers quantize `x` once and share
+    /// one parallel loop ([`quant::cpu_many`]: a decode step waits on one fork-join instead
+    /// of one per layer); any other mix runs layer by layer through
+    /// [`Linear::forward_fused`]. The results are the same either way.
+    ///
+    /// ```
+    /// use mgm_tensor::nn::{Activation, Linear};
+    /// use mgm_tensor::Tensor;
+    /// use mgm_kernels::quant::QuantFormat;
+    /// let w = |s: f32| Tensor::from_vec((0..8 * 64).map(|i| ((i % 9) as f32 - s) / 8.0).collect(), &[8, 64]);
+    /// let gate = Linear::new(w(4.0)?, None)?.quantize(QuantFormat::Q4)?;
+    /// let up = Linear::new(w(3.0)?, None)?.quantize(QuantFormat::Q4)?;
+    /// let x = Tensor::from_vec(vec![0.5f32; 2 * 64], &[2, 64])?;
+    /// let ys = Linear::forward_many(&x, &[(&gate, Activation::Silu), (&up, Activation::Identity)])?;
+    /// assert_eq!(ys[0].to_vec::<f32>()?, gate.forward_fused(&x, Activation::Silu, None)?.to_vec::<f32>()?);
+    /// assert_eq!(ys[1].shape(), &[2, 8]);
+    /// # Ok::<(), mgm_tensor::Error>(())
+    /// ```
+    pub fn forward_many(x: &Tensor, layers: &[(&Linear, Activation)]) -> Result<Vec<Tensor>> {
+        let k = x.shape().last().copied();
+        let plain_input = x.dtype() == DType::F32 && !needs_grad(&[x]);
+        let quants: Option<Vec<&QuantMatrix>> = layers
+            .iter()
+            .map(|(l, _)| match &l.kind {
+                Kind::Quant(q)
+                    if plain_input
+                        && Some(l.in_features) == k
+                        && l.bias
+                            .as_ref()
+                            .is_none_or(|b| matches!(b, Param::Frozen(_))) =>
+                {
+                    Some(&**q)
+                }
+                _ => None,
+            })
+            .collect();
+        let (Some(quants), Some(k)) = (quants.filter(|q| q.len() > 1), k) else {
+            return layers
+                .iter()
+                .map(|(l, act)| l.forward_fused(x, *act, None))
+                .collect();
+        };
+        let rows = x.numel() / k.max(1);
+        let x = x.contiguous()?;
+        let xs = x
+            .as_contiguous_slice::<f32>()?
+            .expect("contiguous f32 input");
+        let biases = layers
+            .iter()
+            .map(|(l, _)| {
+                l.bias
+                    .as_ref()
+                    .map(|b| b.tensor().to_dtype(DType::F32)?.contiguous())
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut epis = Vec::with_capacity(layers.len());
+        for ((_, act), b) in layers.iter().zip(&biases) {
+            epis.push(Epilogue {
+                accumulate: false,
+                bias: match b {
+                    Some(b) => Some(
+                        b.as_contiguous_slice::<f32>()?
+                            .expect("contiguous f32 bias"),
+                    ),
+                    None => None,
+                },
+                activation: *act,
+                residual: None,
+            });
+        }
+        let widths: Vec<usize> = quants.iter().map(|q| q.n()).collect();
+        let mut outs: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|&n| Vec::with_capacity(rows * n))
+            .collect();
+        // SAFETY: as in fused_forward, each MatMut covers exactly its output's reserved
+        // rows * n elements, which the kernel overwrites before set_len exposes them (on
+        // error the buffers are dropped with length 0).
+        unsafe {
+            let mut products: Vec<quant::Product<'_>> = quants
+                .iter()
+                .zip(outs.iter_mut())
+                .zip(&epis)
+                .map(|((q, o), e)| {
+                    (
+                        *q,
+                        MatMut::from_raw_parts(o.as_mut_ptr(), rows, q.n(), q.n()),
+                        e,
+                    )
+                })
+                .collect();
+            quant::cpu_many(MatRef::row_major(xs, rows, k)?, &mut products)?;
+            for (o, &n) in outs.iter_mut().zip(&widths) {
+                o.set_len(rows * n);
+            }
+        }
+        outs.into_iter()
+            .zip(&widths)
+            .map(|(o, &n)| {
+                let mut shape = x.shape().to_vec();
+                *shape.last_mut().expect("rank >= 1: it has a last dim") = n;
+                Tensor::from_vec(o, &shape)
+            })
+            .collect()
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_fused(x, Activation::Identity, None)
