@@ -13,6 +13,10 @@
 //! `Residency::Resident` (read once into huge pages, like llama.cpp's `--no-mmap`; llama.cpp
 //! keeps its default mmap, and repacks Q4_0 into its own buffer).
 //!
+//! The table holds each side's best round; after it, per dtype, every round's rates side by
+//! side and the median of the per-round ratios, which moves less on a host whose memory
+//! bandwidth drifts between rounds (medians of each side also go to the JSON report).
+//!
 //! The bandwidth floor printed with each dtype is the bytes a decoded token reads (every
 //! weight except the embedding table, of which one row) over the machine's read bandwidth
 //! measured here (all threads summing their own large buffers).
@@ -159,34 +163,69 @@ fn read_bandwidth() -> f64 {
     best
 }
 
+/// One side's rounds: the best (the table) and the median of each rate, every round's rates
+/// in order, and the last round's first tokens.
 struct Best {
     prefill: f64,
     decode: f64,
+    prefill_median: f64,
+    decode_median: f64,
+    prefill_rounds: Vec<f64>,
+    decode_rounds: Vec<f64>,
     rss_mb: f64,
     tokens: Vec<i64>,
 }
 
 fn best_of(answers: &[serde_json::Value]) -> Best {
-    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let rates = |k: &str| -> Vec<f64> {
+        answers
+            .iter()
+            .map(|v| v[k].as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (prefill_rounds, decode_rounds) = (rates("prefill_tok_s"), rates("decode_tok_s"));
     Best {
-        prefill: answers
-            .iter()
-            .map(|v| f(v, "prefill_tok_s"))
-            .fold(0.0, f64::max),
-        decode: answers
-            .iter()
-            .map(|v| f(v, "decode_tok_s"))
-            .fold(0.0, f64::max),
-        rss_mb: answers
-            .iter()
-            .map(|v| f(v, "peak_rss_mb"))
-            .fold(0.0, f64::max),
+        prefill: best(&prefill_rounds),
+        decode: best(&decode_rounds),
+        prefill_median: median(&prefill_rounds),
+        decode_median: median(&decode_rounds),
+        rss_mb: best(&rates("peak_rss_mb")),
         tokens: answers
             .last()
             .and_then(|v| v["tokens"].as_array())
             .map(|a| a.iter().filter_map(|t| t.as_i64()).collect())
             .unwrap_or_default(),
+        prefill_rounds,
+        decode_rounds,
     }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The median over rounds of ours / theirs measured in the same round: the host's memory
+/// bandwidth drifts by 1.5x within seconds, and the two sides of one round (seconds apart) see
+/// nearly the same machine, so this ratio moves less than the ratio of the best rounds.
+fn paired_ratio(ours: &[f64], theirs: &[f64]) -> f64 {
+    median(
+        &ours
+            .iter()
+            .zip(theirs)
+            .map(|(a, b)| a / b)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A table row from both sides' best rounds, their medians kept for the JSON report.
+fn row(case: &str, ours: (f64, f64), peer: (f64, f64), peer_name: &str) -> Row {
+    let mut r = Row::new(case, "tok/s", ours.0, peer.0, peer_name);
+    r.ours_median = Some(ours.1);
+    r.peer_median = Some(peer.1);
+    r
 }
 
 fn ours(dir: &Path) -> PythonPeer {
@@ -300,36 +339,46 @@ fn main() {
             (best_of(&r.pop().expect("mgm")), l, None)
         };
         let peer_name = format!("llama.cpp {llama_name}");
-        rows.push(Row::new(
+        let (md, mp) = ((m.decode, m.decode_median), (m.prefill, m.prefill_median));
+        rows.push(row(
             &format!("decode {name} (floor {floor:.2} tok/s)"),
-            "tok/s",
-            m.decode,
-            l.decode,
+            md,
+            (l.decode, l.decode_median),
             &peer_name,
         ));
-        rows.push(Row::new(
+        rows.push(row(
             &format!("prefill {name} {PROMPT} tokens"),
-            "tok/s",
-            m.prefill,
-            l.prefill,
+            mp,
+            (l.prefill, l.prefill_median),
             &peer_name,
         ));
         if let Some(t) = &t {
-            rows.push(Row::new(
+            rows.push(row(
                 "decode f32",
-                "tok/s",
-                m.decode,
-                t.decode,
+                md,
+                (t.decode, t.decode_median),
                 "torch eager",
             ));
-            rows.push(Row::new(
+            rows.push(row(
                 &format!("prefill f32 {PROMPT} tokens"),
-                "tok/s",
-                m.prefill,
-                t.prefill,
+                mp,
+                (t.prefill, t.prefill_median),
                 "torch eager",
             ));
         }
+        let rounds_line = |what: &str, ours: &[f64], theirs: &[f64]| {
+            format!(
+                "{name} {what} per round (mgm / llama.cpp): {}; median of the round ratios {:.2}x",
+                ours.iter()
+                    .zip(theirs)
+                    .map(|(a, b)| format!("{a:.1}/{b:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                paired_ratio(ours, theirs)
+            )
+        };
+        notes.push(rounds_line("decode", &m.decode_rounds, &l.decode_rounds));
+        notes.push(rounds_line("prefill", &m.prefill_rounds, &l.prefill_rounds));
         notes.push(format!(
             "{name}: weights {:.0} MB ({:.0} MB read per token); peak RSS mgm {:.0} MB = {:.2}x \
              the weights, llama.cpp {:.0} MB; decode at {:.0}% of the floor (llama.cpp {:.0}%); \
