@@ -664,10 +664,15 @@ mod avx512 {
     /// tile, at eight 3 of 7.
     fn per_block(format: QuantFormat) -> usize {
         match format {
-            QuantFormat::Q8 => 4,
-            QuantFormat::Q4 => 8,
+            QuantFormat::Q8 => Q8_GROUPS,
+            QuantFormat::Q4 => Q4_GROUPS,
         }
     }
+
+    /// Groups per q8 block.
+    const Q8_GROUPS: usize = 4;
+    /// Groups per q4 block.
+    const Q4_GROUPS: usize = 8;
 
     /// Where value `j` of group `local` of a block meets its weight, as a byte offset into the
     /// entry's activation vectors. q8: values 0..16 of every group in the first vector, 16..32
@@ -703,6 +708,11 @@ mod avx512 {
             let m = rows.len();
             let groups = rows.first().map_or(0, |r| r.s.len());
             let per_block = per_block(format);
+            // values of a group that stay in order in the layout (see activation_slot)
+            let run = match format {
+                QuantFormat::Q8 => 16,
+                QuantFormat::Q4 => 8,
+            };
             let blocks = groups.div_ceil(per_block);
             let xb = per_block * GROUP; // activation bytes per entry
             let stride = xb + 128;
@@ -728,11 +738,6 @@ mod avx512 {
                             continue;
                         }
                         let src = &r.q[g * GROUP..(g + 1) * GROUP];
-                        // runs of `run` values keep their order in the layout
-                        let run = match format {
-                            QuantFormat::Q8 => 16,
-                            QuantFormat::Q4 => 8,
-                        };
                         for (c, chunk) in src.chunks_exact(run).enumerate() {
                             let at = activation_slot(format, local, c * run);
                             for (o, &v) in x[at..at + run].iter_mut().zip(chunk) {
@@ -894,7 +899,7 @@ mod avx512 {
         d: &mut [f32],
     ) {
         let groups = w.groups;
-        let p = if Q4 { 8 } else { 4 };
+        let p = if Q4 { Q4_GROUPS } else { Q8_GROUPS };
         let full = groups / p;
         let (x0, stride) = (rows.at(0, 0), rows.stride);
         // SAFETY: blocks 0..full of every weight row j0..j1 are whole (the short last one
@@ -948,24 +953,18 @@ mod avx512 {
     unsafe fn q8_block(w: &Weights, jn: usize, b: usize, e: *const u8, acc: __m512) -> __m512 {
         // SAFETY: as this function's contract.
         unsafe {
-            let at = w.data.add(jn * w.k + b * 4 * GROUP);
+            let g = b * Q8_GROUPS;
+            let at = w.data.add(jn * w.k + g * GROUP);
             prefetch_l2(at);
-            let flip = _mm512_set1_epi8(-128);
-            let (lo, hi) = q8_lanes(
+            let [lo, hi] = q8_lanes(
                 _mm512_loadu_si512(at.cast()),
                 _mm512_loadu_si512(at.add(64).cast()),
             );
             let st = _mm512_load_si512(e.add(128).cast());
-            let dot =
-                _mm512_dpbusd_epi32(st, _mm512_xor_si512(lo, flip), _mm512_load_si512(e.cast()));
-            let dot = _mm512_dpbusd_epi32(
-                dot,
-                _mm512_xor_si512(hi, flip),
-                _mm512_load_si512(e.add(64).cast()),
-            );
-            let sw = block_scales::<4>(w.scales, jn * w.groups, b * 4, 4);
-            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(e.add(192).cast()));
-            _mm512_fmadd_ps(t, sw, acc)
+            let dot = _mm512_dpbusd_epi32(st, lo, _mm512_load_si512(e.cast()));
+            let dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(e.add(64).cast()));
+            let sw = block_scales::<Q8_GROUPS>(w.scales, jn * w.groups, g, Q8_GROUPS);
+            scaled(acc, dot, _mm512_load_ps(e.add(192).cast()), sw)
         }
     }
 
@@ -978,30 +977,21 @@ mod avx512 {
     unsafe fn q4_block(w: &Weights, jn: usize, b: usize, e: *const u8, acc: __m512) -> __m512 {
         // SAFETY: as this function's contract.
         unsafe {
-            let srow = jn * w.groups;
-            let at = w.data.add((srow + b * 8) * GROUP / 2);
+            let (srow, g) = (jn * w.groups, b * Q4_GROUPS);
+            let at = w.data.add((srow + g) * GROUP / 2);
             prefetch_l2(at);
-            let low = _mm512_set1_epi8(0x0F);
-            let (p, q) = q4_lanes(
+            let wv = q4_lanes(
                 _mm512_loadu_si512(at.cast()),
                 _mm512_loadu_si512(at.add(64).cast()),
             );
-            let nib = |v: __m512i, hi: bool| {
-                if hi {
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), low)
-                } else {
-                    _mm512_and_si512(v, low)
-                }
-            };
             let x = |v: usize| _mm512_load_si512(e.add(64 * v).cast());
-            let a = _mm512_dpbusd_epi32(_mm512_load_si512(e.add(256).cast()), nib(p, false), x(0));
-            let a = _mm512_dpbusd_epi32(a, nib(p, true), x(1));
-            let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nib(q, false), x(2));
-            let c = _mm512_dpbusd_epi32(c, nib(q, true), x(3));
-            let sw = block_scales::<8>(w.scales, srow, b * 8, 8);
-            let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(a, c));
-            let t = _mm512_mul_ps(dot, _mm512_load_ps(e.add(320).cast()));
-            _mm512_fmadd_ps(t, sw, acc)
+            let a = _mm512_dpbusd_epi32(_mm512_load_si512(e.add(256).cast()), wv[0], x(0));
+            let a = _mm512_dpbusd_epi32(a, wv[1], x(1));
+            let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[2], x(2));
+            let c = _mm512_dpbusd_epi32(c, wv[3], x(3));
+            let sw = block_scales::<Q4_GROUPS>(w.scales, srow, g, Q4_GROUPS);
+            let sx = _mm512_load_ps(e.add(320).cast());
+            scaled(acc, _mm512_add_epi32(a, c), sx, sw)
         }
     }
 
@@ -1116,17 +1106,26 @@ mod avx512 {
     }
 
     /// A q8 block's two 64-byte halves (groups 0-1 and 2-3, in storage order) rearranged
-    /// so that lane `4g + i` of each holds group `g`: values 0..16 of every group in the
-    /// first vector, 16..32 in the second (the lanes of a q4 block's nibbles).
+    /// so that lane `4g + i` of each holds group `g` (values 0..16 of every group in the
+    /// first vector, 16..32 in the second) and made unsigned (`+128`) for `vpdpbusd`.
     #[inline(always)]
-    unsafe fn q8_lanes(v0: __m512i, v1: __m512i) -> (__m512i, __m512i) {
+    unsafe fn q8_lanes(v0: __m512i, v1: __m512i) -> [__m512i; 2] {
         // SAFETY: register-only AVX-512F shuffles (the caller runs with AVX-512F).
         unsafe {
-            (
-                _mm512_shuffle_i64x2::<0x88>(v0, v1),
-                _mm512_shuffle_i64x2::<0xDD>(v0, v1),
-            )
+            let flip = _mm512_set1_epi8(-128);
+            [
+                _mm512_xor_si512(_mm512_shuffle_i64x2::<0x88>(v0, v1), flip),
+                _mm512_xor_si512(_mm512_shuffle_i64x2::<0xDD>(v0, v1), flip),
+            ]
         }
+    }
+
+    /// `acc + (dot as f32) * sx * sw`, lane by lane: one block's integer dot scaled by the
+    /// activation's and the weight's per-lane scales.
+    #[inline(always)]
+    unsafe fn scaled(acc: __m512, dot: __m512i, sx: __m512, sw: __m512) -> __m512 {
+        // SAFETY: register-only AVX-512F arithmetic (the caller runs with AVX-512F).
+        unsafe { _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx), sw, acc) }
     }
 
     /// The f16 scales of groups `g..g + here` of the weight row whose groups start at `srow`,
@@ -1182,7 +1181,6 @@ mod avx512 {
         // the prepared rows (entries of rows i0..i0 + N, 64-byte aligned).
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); N]; W];
-            let flip = _mm512_set1_epi8(-128);
             let load = |at: *const u8, left: usize| {
                 if left >= 64 {
                     _mm512_loadu_si512(at.cast())
@@ -1191,8 +1189,8 @@ mod avx512 {
                 }
             };
             for b in b0..blocks {
-                let g = 4 * b;
-                let here = (groups - g).min(4);
+                let g = Q8_GROUPS * b;
+                let here = (groups - g).min(Q8_GROUPS);
                 let left = k - g * GROUP;
                 let mut lo = [_mm512_setzero_si512(); W];
                 let mut hi = [_mm512_setzero_si512(); W];
@@ -1208,10 +1206,8 @@ mod avx512 {
                     } else {
                         _mm512_setzero_si512()
                     };
-                    let (a, c) = q8_lanes(v0, v1);
-                    lo[r] = _mm512_xor_si512(a, flip);
-                    hi[r] = _mm512_xor_si512(c, flip);
-                    sw[r] = block_scales::<4>(scales, (jn + r) * groups, g, here);
+                    [lo[r], hi[r]] = q8_lanes(v0, v1);
+                    sw[r] = block_scales::<Q8_GROUPS>(scales, (jn + r) * groups, g, here);
                 }
                 let base = rows.at(b, i0);
                 for q in 0..N {
@@ -1223,8 +1219,7 @@ mod avx512 {
                     for r in 0..W {
                         let dot = _mm512_dpbusd_epi32(st, lo[r], xl);
                         let dot = _mm512_dpbusd_epi32(dot, hi[r], xh);
-                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx);
-                        acc[r][q] = _mm512_fmadd_ps(t, sw[r], acc[r][q]);
+                        acc[r][q] = scaled(acc[r][q], dot, sx, sw[r]);
                     }
                 }
             }
@@ -1233,18 +1228,24 @@ mod avx512 {
     }
 
     /// A q4 block's two 64-byte vectors (groups 0-3 and 4-7, 16 bytes each, in storage
-    /// order) rearranged so that bytes `8g..8g + 8` of the first hold bytes 0..8 of group `g`
-    /// and those of the second its bytes 8..16: every lane of both in one group.
+    /// order) as four vectors of nibbles with every lane in one group: bytes `8g..8g + 8` of
+    /// `p` hold bytes 0..8 of group `g` and those of `q` its bytes 8..16 (two shuffles), then
+    /// the low and high nibbles of `p` and of `q` (values 0..8, 16..24, 8..16, 24..32).
     #[inline(always)]
-    unsafe fn q4_lanes(v0: __m512i, v1: __m512i) -> (__m512i, __m512i) {
-        // SAFETY: register-only AVX-512F shuffles (the caller runs with AVX-512F).
+    unsafe fn q4_lanes(v0: __m512i, v1: __m512i) -> [__m512i; 4] {
+        // SAFETY: register-only AVX-512F/BW ops (the caller runs with them).
         unsafe {
             let even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
             let odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
-            (
-                _mm512_permutex2var_epi64(v0, even, v1),
-                _mm512_permutex2var_epi64(v0, odd, v1),
-            )
+            let p = _mm512_permutex2var_epi64(v0, even, v1);
+            let q = _mm512_permutex2var_epi64(v0, odd, v1);
+            let low = _mm512_set1_epi8(0x0F);
+            [
+                _mm512_and_si512(p, low),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(p), low),
+                _mm512_and_si512(q, low),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q), low),
+            ]
         }
     }
 
@@ -1259,7 +1260,7 @@ mod avx512 {
         i0: usize,
         b0: usize,
     ) -> [[f32; N]; W] {
-        const P: usize = 8;
+        const P: usize = Q4_GROUPS;
         let groups = w.groups;
         let blocks = rows.blocks;
         let (data, scales) = (w.data, w.scales);
@@ -1268,7 +1269,6 @@ mod avx512 {
         // inside the prepared rows (entries of rows i0..i0 + N, 64-byte aligned).
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); N]; W];
-            let low = _mm512_set1_epi8(0x0F);
             let masked = |at: *const u8, bytes: usize| {
                 _mm512_maskz_loadu_epi8(u64::MAX >> (64 - bytes), at.cast())
             };
@@ -1296,13 +1296,7 @@ mod avx512 {
                         };
                         (masked(at, bytes.min(64)), v1)
                     };
-                    let (p, q) = q4_lanes(v0, v1);
-                    wv[r] = [
-                        _mm512_and_si512(p, low),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(p), low),
-                        _mm512_and_si512(q, low),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(q), low),
-                    ];
+                    wv[r] = q4_lanes(v0, v1);
                     sw[r] = block_scales::<P>(scales, srow, g, here);
                 }
                 let base = rows.at(b, i0);
@@ -1322,8 +1316,7 @@ mod avx512 {
                         for v in 0..4 {
                             dot = _mm512_dpbusd_epi32(dot, wv[r][v], x[v]);
                         }
-                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx);
-                        acc[r][qi] = _mm512_fmadd_ps(t, sw[r], acc[r][qi]);
+                        acc[r][qi] = scaled(acc[r][qi], dot, sx, sw[r]);
                     }
                 }
             }

@@ -423,13 +423,7 @@ impl Linear {
                 "the residual must have the output's shape",
             ));
         }
-        let plain = |t: &Tensor| t.dtype() == DType::F32 && !needs_grad(&[t]);
-        let fast = plain(x)
-            && residual.is_none_or(plain)
-            && self
-                .bias
-                .as_ref()
-                .is_none_or(|b| matches!(b, Param::Frozen(_)));
+        let fast = plain(x) && residual.is_none_or(plain) && self.bias_frozen();
         let weight = match &self.kind {
             Kind::Packed(_, packed) if fast => {
                 return fused_forward(
@@ -487,9 +481,14 @@ impl Linear {
             None => Ok(y),
         }
     }
-}
 
-impl Linear {
+    /// Whether the bias (if any) is frozen, so that the inference kernels may apply it.
+    fn bias_frozen(&self) -> bool {
+        self.bias
+            .as_ref()
+            .is_none_or(|b| matches!(b, Param::Frozen(_)))
+    }
+
     /// `act_i(x W_i^T + b_i)` for several layers that read the same `x` (a transformer's q, k
     /// and v projections, or its gate and up): quantized layers quantize `x` once and share
     /// one parallel loop ([`quant::cpu_many`]: a decode step waits on one fork-join instead
@@ -511,17 +510,11 @@ impl Linear {
     /// ```
     pub fn forward_many(x: &Tensor, layers: &[(&Linear, Activation)]) -> Result<Vec<Tensor>> {
         let k = x.shape().last().copied();
-        let plain_input = x.dtype() == DType::F32 && !needs_grad(&[x]);
+        let plain_input = plain(x);
         let quants: Option<Vec<&QuantMatrix>> = layers
             .iter()
             .map(|(l, _)| match &l.kind {
-                Kind::Quant(q)
-                    if plain_input
-                        && Some(l.in_features) == k
-                        && l.bias
-                            .as_ref()
-                            .is_none_or(|b| matches!(b, Param::Frozen(_))) =>
-                {
+                Kind::Quant(q) if plain_input && Some(l.in_features) == k && l.bias_frozen() => {
                     Some(&**q)
                 }
                 _ => None,
@@ -540,24 +533,13 @@ impl Linear {
             .expect("contiguous f32 input");
         let biases = layers
             .iter()
-            .map(|(l, _)| {
-                l.bias
-                    .as_ref()
-                    .map(|b| b.tensor().to_dtype(DType::F32)?.contiguous())
-                    .transpose()
-            })
+            .map(|(l, _)| f32_bias(l.bias.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let mut epis = Vec::with_capacity(layers.len());
         for ((_, act), b) in layers.iter().zip(&biases) {
             epis.push(Epilogue {
                 accumulate: false,
-                bias: match b {
-                    Some(b) => Some(
-                        b.as_contiguous_slice::<f32>()?
-                            .expect("contiguous f32 bias"),
-                    ),
-                    None => None,
-                },
+                bias: bias_slice(b)?,
                 activation: *act,
                 residual: None,
             });
@@ -620,6 +602,28 @@ fn pack_weight(w: &Tensor) -> Result<PackedRhs> {
     Ok(PackedRhs::new(rhs))
 }
 
+/// An untracked f32 tensor, which the inference kernels take.
+fn plain(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && !needs_grad(&[t])
+}
+
+/// A bias as a contiguous f32 tensor (the kernels' epilogue reads it as a slice).
+fn f32_bias(bias: Option<&Param>) -> Result<Option<Tensor>> {
+    bias.map(|b| b.tensor().to_dtype(DType::F32)?.contiguous())
+        .transpose()
+}
+
+/// The slice of an [`f32_bias`].
+fn bias_slice(bias: &Option<Tensor>) -> Result<Option<&[f32]>> {
+    Ok(match bias {
+        Some(b) => Some(
+            b.as_contiguous_slice::<f32>()?
+                .expect("f32_bias makes it contiguous f32"),
+        ),
+        None => None,
+    })
+}
+
 /// The frozen f32 inference path: `x` as rows, `mul` writes `epilogue(x W^T)` into the
 /// output, whatever form the weight takes.
 fn fused_forward(
@@ -637,16 +641,8 @@ fn fused_forward(
     let xs = x
         .as_contiguous_slice::<f32>()?
         .expect("contiguous f32 input");
-    let bias = bias
-        .map(|b| b.tensor().to_dtype(DType::F32)?.contiguous())
-        .transpose()?;
-    let bias_slice = match &bias {
-        Some(b) => Some(
-            b.as_contiguous_slice::<f32>()?
-                .expect("contiguous f32 bias"),
-        ),
-        None => None,
-    };
+    let bias = f32_bias(bias)?;
+    let bias_slice = bias_slice(&bias)?;
     let residual = residual.map(Tensor::contiguous).transpose()?;
     let res_view = match &residual {
         Some(r) => Some(MatRef::row_major(
