@@ -17,9 +17,11 @@
 //! runs on AVX-512 VNNI (`vpdpbusd`, 64 multiply-adds per instruction; a portable loop
 //! elsewhere) and is scaled by `s_x s_w` in f32. The weights are read in place (a mapped file
 //! works), once per call: each weight vector is loaded and unpacked once for a tile of
-//! activation rows (four for q8, six for q4). (A q8 prefill once took the f32 FMA GEMM on weights dequantized a chunk at
-//! a time; after the integer kernels' call overhead went, the integer path measured faster:
-//! 86-89 against 55 tokens/s for a 128-token prompt at TinyLlama's shapes on a 2-core Zen 5.)
+//! activation rows (four for q8, six for q4), and a single row (a decode step) streams the
+//! weights through a kernel of its own. (A q8 prefill once took the f32 FMA GEMM on weights
+//! dequantized a chunk at a time; after the integer kernels' call overhead went, the integer
+//! path measured faster: 86-89 against 55 tokens/s for a 128-token prompt at TinyLlama's
+//! shapes on a 2-core Zen 5.)
 //!
 //! [`reference`] computes the same math in f64 (weights and activations dequantized exactly as
 //! the kernel quantizes them), so the tests can hold the fast paths to f32 accuracy; the error

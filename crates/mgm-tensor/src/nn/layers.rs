@@ -499,11 +499,14 @@ impl Linear {
     /// use mgm_tensor::nn::{Activation, Linear};
     /// use mgm_tensor::Tensor;
     /// use mgm_kernels::quant::QuantFormat;
-    /// let w = |s: f32| Tensor::from_vec((0..8 * 64).map(|i| ((i % 9) as f32 - s) / 8.0).collect(), &[8, 64]);
+    /// let w = |s: f32| {
+    ///     Tensor::from_vec((0..8 * 64).map(|i| ((i % 9) as f32 - s) / 8.0).collect(), &[8, 64])
+    /// };
     /// let gate = Linear::new(w(4.0)?, None)?.quantize(QuantFormat::Q4)?;
     /// let up = Linear::new(w(3.0)?, None)?.quantize(QuantFormat::Q4)?;
     /// let x = Tensor::from_vec(vec![0.5f32; 2 * 64], &[2, 64])?;
-    /// let ys = Linear::forward_many(&x, &[(&gate, Activation::Silu), (&up, Activation::Identity)])?;
+    /// let pair = [(&gate, Activation::Silu), (&up, Activation::Identity)];
+    /// let ys = Linear::forward_many(&x, &pair)?;
     /// assert_eq!(ys[0].to_vec::<f32>()?, gate.forward_fused(&x, Activation::Silu, None)?.to_vec::<f32>()?);
     /// assert_eq!(ys[1].shape(), &[2, 8]);
     /// # Ok::<(), mgm_tensor::Error>(())
