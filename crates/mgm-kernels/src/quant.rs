@@ -811,12 +811,13 @@ mod avx512 {
                     let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
                     let away =
                         _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
-                    // t + copysign(1, y) where the fraction is at least a half
-                    let sign = _mm512_castsi512_ps(_mm512_and_si512(
-                        _mm512_castps_si512(y),
-                        _mm512_set1_epi32(i32::MIN),
-                    ));
-                    let r = _mm512_mask_add_ps(t, away, t, _mm512_or_ps(one, sign));
+                    // t + copysign(1, y) where the fraction is at least a half, in integer
+                    // ops: `_mm512_or_ps` needs AVX-512DQ and was not inlined here (a call
+                    // per vector, a third of quantizing a decode step's activations)
+                    let sign =
+                        _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(i32::MIN));
+                    let unit = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(one), sign));
+                    let r = _mm512_mask_add_ps(t, away, t, unit);
                     let r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
                     let bytes = _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(r));
                     _mm_storeu_si128(q.as_mut_ptr().add(b * GROUP + h * 16).cast(), bytes);

@@ -1127,6 +1127,24 @@ impl Attention {
         let scale = 1.0 / (d as f32).sqrt();
         let layer = &cache.layers[li];
         let window = self.window;
+        // each query token's mask over the keys, once for all of its heads (built per head
+        // and group member, it cost a tenth of a decode step's attention); None where the
+        // token sees every key, as decode steps without padding do
+        let token_masks: Vec<Option<Vec<f32>>> = (0..b * t)
+            .map(|bt| {
+                let (bb, qi) = (bt / t, start + bt % t);
+                let valid = &cache.valid[bb * cache.capacity..][..l];
+                let sees = |key: usize| attends(window, qi, key, valid[key]);
+                if (0..l).all(sees) {
+                    return None;
+                }
+                Some(
+                    (0..l)
+                        .map(|key| if sees(key) { 0.0 } else { f32::NEG_INFINITY })
+                        .collect(),
+                )
+            })
+            .collect();
         let blocks: Vec<Result<Vec<f32>>> = (0..b * kv)
             .into_par_iter()
             .map(|bh| {
@@ -1134,27 +1152,29 @@ impl Attention {
                 // rows (token i, group member j) of this kv head
                 let rows = t * g;
                 let mut qs = vec![0f32; rows * d];
-                let mut mask = vec![0f32; rows * l];
                 for i in 0..t {
-                    for j in 0..g {
-                        let r = i * g + j;
-                        let src = ((bb * t + i) * hq + h * g + j) * d;
-                        qs[r * d..(r + 1) * d].copy_from_slice(&q[src..src + d]);
-                        let qi = start + i;
-                        for key in 0..l {
-                            if !attends(window, qi, key, cache.valid[bb * cache.capacity + key]) {
-                                mask[r * l + key] = f32::NEG_INFINITY;
+                    let src = ((bb * t + i) * hq + h * g) * d;
+                    qs[i * g * d..(i + 1) * g * d].copy_from_slice(&q[src..src + g * d]);
+                }
+                let masks = &token_masks[bb * t..(bb + 1) * t];
+                let mask = masks.iter().any(Option::is_some).then(|| {
+                    let mut m = vec![0f32; rows * l];
+                    for (i, tm) in masks.iter().enumerate() {
+                        if let Some(tm) = tm {
+                            for r in i * g..(i + 1) * g {
+                                m[r * l..(r + 1) * l].copy_from_slice(tm);
                             }
                         }
                     }
-                }
+                    m
+                });
                 let off = cache.slot(bb, h, 0);
                 let mut out = vec![0f32; rows * d];
                 mgm_kernels::attention::cpu(
                     &qs,
                     &layer.k[off..off + l * d],
                     &layer.v[off..off + l * d],
-                    Some(&mask),
+                    mask.as_deref(),
                     mgm_kernels::attention::Shape {
                         rows,
                         keys: l,
