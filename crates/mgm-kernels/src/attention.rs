@@ -126,13 +126,7 @@ pub fn cpu(
     }
     let mut scores = vec![0f32; s.rows * s.keys];
     let simd = simd_level();
-    #[cfg(target_arch = "x86_64")]
-    if simd == crate::simd::Simd::Avx512 {
-        // SAFETY: simd_level() detected AVX-512F (and AVX2, FMA) on this CPU; the lengths
-        // were checked against `s` above.
-        unsafe { avx512::decode(q, k, v, mask, s, scale, &mut scores, out) };
-        return Ok(());
-    }
+    // the AVX-512 kernel indexes raw pointers: it relies on the lengths check() verified above
     simd_call!(
         simd,
         decode_generic,
@@ -194,7 +188,10 @@ fn decode_generic(
     }
 }
 
-simd_variants!(decode_generic => decode_avx2, decode_avx512(
+// the AVX-512 variant is the explicit-vector kernel below, not this loop recompiled
+#[cfg(target_arch = "x86_64")]
+use avx512::decode as decode_avx512;
+simd_variants!(decode_generic => decode_avx2(
     q: &[f32], k: &[f32], v: &[f32], mask: Option<&[f32]>, s: Shape, scale: f32,
     scores: &mut [f32], out: &mut [f32]
 ));

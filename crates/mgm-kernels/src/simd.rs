@@ -105,15 +105,19 @@ pub(crate) fn simd_level() -> Simd {
 }
 
 /// Declares `$avx2` and `$avx512`: the `#[inline(always)]` kernel `$generic` compiled with
-/// those target features.
+/// those target features. Without `$avx512`, only `$avx2` (for a kernel whose AVX-512 variant
+/// is written in explicit vectors, with the same signature and target features).
 macro_rules! simd_variants {
-    ($generic:ident => $avx2:ident, $avx512:ident ($($a:ident: $t:ty),* $(,)?)) => {
+    ($generic:ident => $avx2:ident ($($a:ident: $t:ty),* $(,)?)) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn $avx2($($a: $t),*) {
             $generic($($a),*)
         }
+    };
+    ($generic:ident => $avx2:ident, $avx512:ident ($($a:ident: $t:ty),* $(,)?)) => {
+        $crate::simd::simd_variants!($generic => $avx2 ($($a: $t),*));
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx2,fma")]
         #[allow(clippy::too_many_arguments)]
