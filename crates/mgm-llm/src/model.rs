@@ -875,6 +875,51 @@ struct PagedSeq {
     row: usize,
 }
 
+/// A query token's additive mask over `l` keys (0 where `sees`, -inf elsewhere), built once for
+/// all of its heads (built per head and group member, it cost a tenth of a decode step's
+/// attention); None when it sees every key, as decode steps without padding do.
+fn token_mask(l: usize, sees: impl Fn(usize) -> bool) -> Option<Vec<f32>> {
+    if (0..l).all(&sees) {
+        return None;
+    }
+    Some(
+        (0..l)
+            .map(|key| if sees(key) { 0.0 } else { f32::NEG_INFINITY })
+            .collect(),
+    )
+}
+
+/// The `[t * g, l]` mask of one kv head's query rows (token `i`'s mask for each of its `g`
+/// group members) from its tokens' [`token_mask`]s; None when none of them masks a key.
+fn group_mask(masks: &[Option<Vec<f32>>], g: usize, l: usize) -> Option<Vec<f32>> {
+    masks.iter().any(Option::is_some).then(|| {
+        let mut m = vec![0f32; masks.len() * g * l];
+        for (i, tm) in masks.iter().enumerate() {
+            if let Some(tm) = tm {
+                for r in i * g..(i + 1) * g {
+                    m[r * l..(r + 1) * l].copy_from_slice(tm);
+                }
+            }
+        }
+        m
+    })
+}
+
+/// The query rows of kv head `h` for tokens `row..row + t` of `q` (token-major `[.., hq, d]`):
+/// token `i`'s `g` group members `h * g..(h + 1) * g` (adjacent in `q`), token by token.
+fn group_queries(
+    q: &[f32],
+    (hq, g, d): (usize, usize, usize),
+    h: usize,
+    row: usize,
+    t: usize,
+) -> Vec<f32> {
+    (row..row + t)
+        .flat_map(|tok| &q[(tok * hq + h * g) * d..][..g * d])
+        .copied()
+        .collect()
+}
+
 /// Whether the query at cache index `qi` attends the key at index `j`: causal by index, within
 /// the sliding window (`W` keys including itself), and not padding.
 #[inline]
@@ -1042,6 +1087,15 @@ impl Attention {
         let bs = cache.block_size();
         let scale = 1.0 / (d as f32).sqrt();
         let window = self.window;
+        // by the step's token rows: entry p's tokens at rows p.row..p.row + p.t
+        let mut token_masks: Vec<Option<Vec<f32>>> = vec![None; n];
+        for p in plan {
+            for i in 0..p.t {
+                let qi = p.start + i;
+                token_masks[p.row + i] =
+                    token_mask(p.start + p.t, |key| attends(window, qi, key, true));
+            }
+        }
         let blocks: Vec<Result<Vec<f32>>> = (0..plan.len() * kv)
             .into_par_iter()
             .map(|sh| {
@@ -1061,26 +1115,14 @@ impl Attention {
                     vs.extend_from_slice(&layer.v[off..off + n]);
                 }
                 let rows = p.t * g;
-                let mut qs = vec![0f32; rows * d];
-                let mut mask = vec![0f32; rows * l];
-                for i in 0..p.t {
-                    for j in 0..g {
-                        let r = i * g + j;
-                        let src = ((p.row + i) * hq + h * g + j) * d;
-                        qs[r * d..(r + 1) * d].copy_from_slice(&q[src..src + d]);
-                        for key in 0..l {
-                            if !attends(window, p.start + i, key, true) {
-                                mask[r * l + key] = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                }
+                let qs = group_queries(&q, (hq, g, d), h, p.row, p.t);
+                let mask = group_mask(&token_masks[p.row..p.row + p.t], g, l);
                 let mut out = vec![0f32; rows * d];
                 mgm_kernels::attention::cpu(
                     &qs,
                     &ks,
                     &vs,
-                    Some(&mask),
+                    mask.as_deref(),
                     mgm_kernels::attention::Shape {
                         rows,
                         keys: l,
@@ -1127,47 +1169,20 @@ impl Attention {
         let scale = 1.0 / (d as f32).sqrt();
         let layer = &cache.layers[li];
         let window = self.window;
-        // each query token's mask over the keys, once for all of its heads (built per head
-        // and group member, it cost a tenth of a decode step's attention); None where the
-        // token sees every key, as decode steps without padding do
         let token_masks: Vec<Option<Vec<f32>>> = (0..b * t)
             .map(|bt| {
                 let (bb, qi) = (bt / t, start + bt % t);
                 let valid = &cache.valid[bb * cache.capacity..][..l];
-                let sees = |key: usize| attends(window, qi, key, valid[key]);
-                if (0..l).all(sees) {
-                    return None;
-                }
-                Some(
-                    (0..l)
-                        .map(|key| if sees(key) { 0.0 } else { f32::NEG_INFINITY })
-                        .collect(),
-                )
+                token_mask(l, |key| attends(window, qi, key, valid[key]))
             })
             .collect();
         let blocks: Vec<Result<Vec<f32>>> = (0..b * kv)
             .into_par_iter()
             .map(|bh| {
                 let (bb, h) = (bh / kv, bh % kv);
-                // rows (token i, group member j) of this kv head
                 let rows = t * g;
-                let mut qs = vec![0f32; rows * d];
-                for i in 0..t {
-                    let src = ((bb * t + i) * hq + h * g) * d;
-                    qs[i * g * d..(i + 1) * g * d].copy_from_slice(&q[src..src + g * d]);
-                }
-                let masks = &token_masks[bb * t..(bb + 1) * t];
-                let mask = masks.iter().any(Option::is_some).then(|| {
-                    let mut m = vec![0f32; rows * l];
-                    for (i, tm) in masks.iter().enumerate() {
-                        if let Some(tm) = tm {
-                            for r in i * g..(i + 1) * g {
-                                m[r * l..(r + 1) * l].copy_from_slice(tm);
-                            }
-                        }
-                    }
-                    m
-                });
+                let qs = group_queries(q, (hq, g, d), h, bb * t, t);
+                let mask = group_mask(&token_masks[bb * t..(bb + 1) * t], g, l);
                 let off = cache.slot(bb, h, 0);
                 let mut out = vec![0f32; rows * d];
                 mgm_kernels::attention::cpu(
